@@ -1,0 +1,5 @@
+import sys
+
+from multitune.cli import main
+
+sys.exit(main())

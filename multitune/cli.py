@@ -1,0 +1,105 @@
+"""Command line: parse, call the API, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="multitune", description="Multi-task fine-tuning of causal LMs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a base model on a mixture of tasks")
+    p.add_argument("config", help="run YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=1e-4 method.rank=8")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    p = sub.add_parser(
+        "eval", help="per-task metrics of a run (or of the base model: --model base)"
+    )
+    p.add_argument("target", help="run dir, or a run YAML (then the base model is evaluated)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.max_examples=100")
+    p.add_argument("--model", choices=["trained", "base"], default="trained")
+    p.add_argument("--split", choices=["dev", "test"], help="default: the config's eval.split")
+
+    p = sub.add_parser("predict", help="JSONL rows in, the same rows with a 'prediction' out")
+    p.add_argument("run", help="run dir")
+    p.add_argument("--task", required=True)
+    p.add_argument("--input", help="JSONL file (default: standard input)")
+    p.add_argument("--output", help="JSONL file (default: standard output)")
+    p.add_argument("--model", choices=["trained", "base"], default="trained")
+
+    args = parser.parse_args(argv)
+    from multitune.errors import MultituneError
+
+    try:
+        _quiet_libraries()
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        return _predict(args)
+    except MultituneError as e:
+        print(f"multitune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multitune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import huggingface_hub
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _train(args) -> int:
+    from multitune.config import load_config
+    from multitune.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, overwrite=args.overwrite, resume=args.resume)
+    print(f"run saved in {cfg.output}")
+    return 0
+
+
+def _eval(args) -> int:
+    from multitune.api import evaluate_run
+
+    table = evaluate_run(args.target, args.overrides, base=args.model == "base", split=args.split)
+    print(table)
+    return 0
+
+
+def _predict(args) -> int:
+    from multitune.api import predict_rows
+
+    source = open(args.input, encoding="utf-8") if args.input else sys.stdin
+    name = args.input or "<stdin>"
+    sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for row in predict_rows(Path(args.run), args.task, source, name, base=args.model == "base"):
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.input:
+            source.close()
+        if args.output:
+            sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

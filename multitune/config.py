@@ -1,0 +1,374 @@
+"""The schema of a run, validated before any model is loaded.
+
+One YAML file describes a run; `key.sub=value` arguments on the command line override it.
+Validation errors come out as one line naming the key (with a suggestion when a known key is
+close), because a typo found after a 30-second model load is a typo found too late.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from multitune.errors import MultituneError
+
+TASK_KINDS = ("classification", "generation", "extractive_qa", "text")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    """Where a task's rows come from: one file per split, or a Hugging Face dataset by name."""
+
+    train: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    hf_dataset: str | None = Field(
+        None, description="datasets.load_dataset name; splits are then split names"
+    )
+    hf_subset: str | None = None
+
+
+class TaskConfig(Strict):
+    name: str
+    kind: Literal["classification", "generation", "extractive_qa", "text"]
+    data: DataConfig
+    prompt: str | None = None
+    target: str | None = None
+    labels: list[str] | None = None
+    metric: Literal["rouge_l", "bleu", "chrf"] | None = None
+    references: str | None = None
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+    cluster: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
+            raise ValueError("task names may use letters, digits, '_', '-' and '.' only")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> TaskConfig:
+        if self.kind == "text":
+            self.prompt = self.prompt or "{{ text }}"
+            if self.target is not None:
+                raise ValueError("a text task has no target: its prompt template is the text")
+        else:
+            if not self.prompt or not self.target:
+                raise ValueError(f"a {self.kind} task needs both 'prompt' and 'target'")
+        if self.kind == "classification":
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise ValueError("a classification task needs 'labels': a list of distinct labels")
+        elif self.labels is not None:
+            raise ValueError(f"'labels' is only for classification tasks, not {self.kind}")
+        if self.metric is not None and self.kind != "generation":
+            raise ValueError("'metric' is only for generation tasks")
+        if self.kind == "generation":
+            self.metric = self.metric or "rouge_l"
+        if self.kind == "extractive_qa":
+            self.references = self.references or "answers"
+        if self.data.train is None and self.data.dev is None and self.data.test is None:
+            raise ValueError("'data' names no split: give train, dev and/or test")
+        return self
+
+
+class LoraMethod(Strict):
+    name: Literal["lora"]
+    rank: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: str | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+
+
+class FullMethod(Strict):
+    name: Literal["full"]
+
+
+class FreezeMethod(Strict):
+    """Partial fine-tuning: everything frozen except the last layers and/or named modules."""
+
+    name: Literal["freeze"]
+    last_layers: int = Field(0, ge=0)
+    modules: list[str] = Field(
+        default_factory=list, description="regexes matched against parameter names"
+    )
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> FreezeMethod:
+        if self.last_layers == 0 and not self.modules:
+            raise ValueError("freeze trains nothing: set 'last_layers' and/or 'modules'")
+        return self
+
+
+MethodConfig = Annotated[LoraMethod | FullMethod | FreezeMethod, Field(discriminator="name")]
+
+
+class MixingConfig(Strict):
+    strategy: Literal["proportional", "temperature", "uniform", "weights"] = "temperature"
+    temperature: float = Field(2.0, gt=0)
+    weights: dict[str, float] | None = None
+
+
+class EarlyStoppingConfig(Strict):
+    metric: str = Field("mean", description="'mean' or '<task>/<metric>', e.g. 'sst2/accuracy'")
+    patience: int = Field(3, ge=1)
+    restore_best: bool = True
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8)
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    early_stopping: EarlyStoppingConfig | None = None
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    threads: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Strict):
+    split: Literal["dev", "test"] = "dev"
+    max_examples: int | None = Field(None, ge=1, description="per task; None = the whole split")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    zero_shot: bool = Field(True, description="evaluate the base model before training")
+
+
+class RunConfig(Strict):
+    model: str = "smollm2-135m-instruct"
+    cache_dir: str | None = None
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
+    tasks: list[TaskConfig] = Field(min_length=1)
+    mixing: MixingConfig = Field(default_factory=MixingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: str = "runs/run"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults_to_lora(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            data["method"].setdefault("name", "lora")
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        if self.mixing.weights is not None:
+            unknown = sorted(set(self.mixing.weights) - set(names))
+            if unknown:
+                raise ValueError(f"mixing.weights names unknown task(s): {', '.join(unknown)}")
+        if self.mixing.strategy == "weights" and self.mixing.weights is None:
+            raise ValueError("mixing strategy 'weights' needs 'mixing.weights'")
+        es = self.train.early_stopping
+        if es is not None:
+            if es.metric != "mean" and es.metric.split("/")[0] not in names:
+                raise ValueError(
+                    f"train.early_stopping.metric '{es.metric}': use 'mean' or '<task>/<metric>' "
+                    f"with a task of this run ({', '.join(names)})"
+                )
+            if self.train.eval_every is None:
+                raise ValueError("train.early_stopping needs train.eval_every")
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise MultituneError(f"unknown task '{name}'; this run has: {', '.join(self.task_names)}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file, apply `key.sub=value` overrides, validate, resolve data paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise MultituneError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise MultituneError(
+            f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise MultituneError(f"{path}: a run config must be a YAML mapping of keys to values")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = validate_config(raw, source=str(path))
+    return resolve_paths(cfg)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise MultituneError(f"{source}: {describe_validation_error(e, raw)}") from None
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make data file paths absolute (relative to the working directory) so a saved run config
+    still points at its data when used from elsewhere."""
+    for t in cfg.tasks:
+        if t.data.hf_dataset is None:
+            for split in ("train", "dev", "test"):
+                p = getattr(t.data, split)
+                if p is not None:
+                    setattr(t.data, split, str(Path(p).expanduser().resolve()))
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`train.lr=1e-4`, `method.rank=16`, `tasks.sst2.max_train_examples=100` (task by name or index)."""
+    if "=" not in item:
+        raise MultituneError(f"override '{item}' must look like key.sub=value")
+    key, value_text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text else ""
+    except yaml.YAMLError:
+        value = value_text
+    if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, ".".join(parts[: i + 1]))
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise MultituneError(
+                    f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section"
+                )
+    last = parts[-1]
+    if isinstance(node, list):
+        raise MultituneError(f"override '{item}': name a key inside the list item")
+    node[last] = value
+
+
+def _list_item(items: list, part: str, where: str) -> dict:
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for it in items:
+        if isinstance(it, dict) and it.get("name") == part:
+            return it
+    names = [str(it.get("name")) for it in items if isinstance(it, dict)]
+    raise MultituneError(
+        f"override: no item '{part}' in '{where.rsplit('.', 1)[0]}' (have: {', '.join(names)})"
+    )
+
+
+def describe_validation_error(e: ValidationError, raw: dict[str, Any]) -> str:
+    """One line per pydantic error, joined: 'unknown key train.lrr (did you mean train.lr?)'."""
+    msgs = []
+    for err in e.errors():
+        loc = _readable_loc(err["loc"], raw)
+        if err["type"] == "extra_forbidden":
+            parent_model = _model_at(err["loc"][:-1], raw)
+            bad = str(err["loc"][-1])
+            hint = ""
+            if parent_model is not None:
+                close = difflib.get_close_matches(bad, list(parent_model.model_fields), n=1)
+                if close:
+                    hint = f" (did you mean '{loc.rsplit('.', 1)[0] + '.' if '.' in loc else ''}{close[0]}'?)"
+            msgs.append(f"unknown key '{loc}'{hint}")
+        elif err["type"] == "missing":
+            msgs.append(f"missing key '{loc}'")
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{loc}: {text}" if loc else text)
+    return "; ".join(msgs)
+
+
+_METHODS = {"lora": LoraMethod, "full": FullMethod, "freeze": FreezeMethod}
+
+
+def _readable_loc(loc: tuple, raw: dict[str, Any]) -> str:
+    """('tasks', 0, 'kind') -> 'tasks[sst2].kind'; drop pydantic's union tags ('method', 'lora', 'rank')."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        if i == 1 and loc[0] == "method" and part in _METHODS:
+            continue
+        if isinstance(part, int):
+            name = None
+            if (
+                loc[:i] == ("tasks",)
+                and isinstance(raw.get("tasks"), list)
+                and part < len(raw["tasks"])
+            ):
+                item = raw["tasks"][part]
+                name = item.get("name") if isinstance(item, dict) else None
+            out[-1] += f"[{name or part}]"
+        else:
+            out.append(str(part))
+    return ".".join(out)
+
+
+def _model_at(loc: tuple, raw: dict[str, Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            continue
+        if i == 1 and loc[0] == "method" and part in _METHODS:
+            model = _METHODS[part]
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        sub = _first_model(ann)
+        if str(part) == "method":
+            sub = _METHODS.get(str((raw.get("method") or {}).get("name")), None)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _first_model(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

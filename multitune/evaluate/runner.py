@@ -1,0 +1,173 @@
+"""Per-task predictions and metrics. The same code scores the base model (zero-shot) and a
+fine-tuned run, so "before vs after" is one table.
+
+- classification: each label's log-likelihood as a continuation of the prompt; all labels of a
+  group of rows go through one batched forward (rows x labels sequences), never one per label;
+- extractive QA and generation: batched greedy decoding with the KV cache;
+- text: perplexity of the text under the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from multitune.config import RunConfig, TaskConfig
+from multitune.data.collate import collate
+from multitune.data.encode import IGNORE, Encoded, Encoder
+from multitune.data.sources import Example
+from multitune.models.forward import target_logprobs
+from multitune.tasks import metrics
+from multitune.tasks.spec import higher_is_better, primary_metric
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    task: TaskConfig,
+    examples: list[Example],
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+) -> list[dict]:
+    """One dict per example: {"prediction": ...} (+ "scores" per label for classification,
+    "nll"/"tokens" for text)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == "classification":
+            return _classify(model, encoder, task, examples, batch_size)
+        if task.kind == "text":
+            return _text_nll(model, encoder, examples, batch_size)
+        return _generate(model, encoder, examples, batch_size, max_new_tokens)
+    finally:
+        model.train(was_training)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -> list[dict]:
+    label_ids = [encoder.target_ids(label) for label in task.labels]
+    reserve = max(len(ids) for ids in label_ids)
+    tid = encoder.task_ids[task.name]
+    rows_per_forward = max(1, batch_size // len(label_ids))
+    results = []
+    for start in range(0, len(examples), rows_per_forward):
+        chunk = examples[start : start + rows_per_forward]
+        seqs = []
+        for ex in chunk:
+            prompt, _ = encoder.prompt_ids(ex.prompt, reserve=reserve)
+            for ids in label_ids:
+                seqs.append(Encoded(prompt + ids, [IGNORE] * len(prompt) + ids, tid, False))
+        batch = collate(seqs, encoder.tok.pad_token_id).to(_device(model))
+        logp, rows = target_logprobs(model, batch)
+        totals = torch.zeros(len(seqs), device=logp.device).index_add_(0, rows, logp)
+        totals = totals.view(len(chunk), len(label_ids)).cpu()
+        for scores in totals.tolist():
+            best = max(range(len(scores)), key=scores.__getitem__)
+            results.append(
+                {
+                    "prediction": task.labels[best],
+                    "scores": dict(zip(task.labels, scores, strict=True)),
+                }
+            )
+    return results
+
+
+def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens) -> list[dict]:
+    tok = encoder.tok
+    results = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [encoder.prompt_ids(ex.prompt, reserve=max_new_tokens)[0] for ex in chunk]
+        seqs = [Encoded(p, [IGNORE] * len(p), 0, False) for p in prompts]
+        batch = collate(seqs, tok.pad_token_id).to(_device(model))
+        out = model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=encoder.eos,
+        )
+        new = out[:, batch.input_ids.shape[1] :]
+        for text in tok.batch_decode(new, skip_special_tokens=True):
+            results.append({"prediction": text.strip()})
+    return results
+
+
+def _text_nll(model, encoder: Encoder, examples, batch_size) -> list[dict]:
+    results = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate([encoder.encode(ex) for ex in chunk], encoder.tok.pad_token_id)
+        logp, rows = target_logprobs(model, batch.to(_device(model)))
+        nll = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), -logp.cpu())
+        count = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), torch.ones(len(rows)))
+        for n, c in zip(nll.tolist(), count.tolist(), strict=True):
+            results.append({"prediction": None, "nll": n, "tokens": int(c)})
+    return results
+
+
+def score(task: TaskConfig, examples: list[Example], preds: list[dict]) -> dict[str, float]:
+    """Metrics of one task from its predictions (0-100 scale; perplexity as is)."""
+    if task.kind == "classification":
+        p = [x["prediction"] for x in preds]
+        g = [ex.target for ex in examples]
+        return {"accuracy": metrics.accuracy(p, g), "macro_f1": metrics.macro_f1(p, g, task.labels)}
+    if task.kind == "text":
+        nll = sum(x["nll"] for x in preds)
+        return {"perplexity": metrics.perplexity(nll, sum(x["tokens"] for x in preds))}
+    p = [x["prediction"] for x in preds]
+    refs = [ex.references for ex in examples]
+    if task.kind == "extractive_qa":
+        return metrics.squad_scores(p, refs)
+    if task.metric == "rouge_l":
+        return {"rouge_l": metrics.rouge_l(p, refs)}
+    return {"bleu": metrics.bleu(p, refs), "chrf": metrics.chrf(p, refs)}
+
+
+def evaluate(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    cfg: RunConfig,
+    examples: dict[str, list[Example]],
+    batch_size: int | None = None,
+) -> dict:
+    """{"tasks": {task: {metric: value, ..., "n": rows}}, "mean": mean primary metric}."""
+    out: dict = {"tasks": {}}
+    for task in cfg.tasks:
+        rows = examples.get(task.name) or []
+        if not rows:
+            continue
+        preds = predict(
+            model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens
+        )
+        out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
+    out["mean"] = mean_primary(cfg, out["tasks"])
+    return out
+
+
+def mean_primary(cfg: RunConfig, task_scores: dict[str, dict]) -> float | None:
+    """Mean of the primary metrics where higher is better (perplexity is kept out of the mean)."""
+    values = []
+    for task in cfg.tasks:
+        metric = primary_metric(task)
+        if task.name in task_scores and higher_is_better(metric):
+            values.append(task_scores[task.name][metric])
+    return sum(values) / len(values) if values else None
+
+
+def lookup(result: dict, metric: str) -> float:
+    """'mean' or 'task/metric' from an evaluate() result."""
+    if metric == "mean":
+        value = result["mean"]
+    else:
+        task, _, name = metric.partition("/")
+        value = result["tasks"].get(task, {}).get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise KeyError(metric)
+    return value

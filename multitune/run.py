@@ -1,0 +1,184 @@
+"""The run directory: what a run leaves behind and how the other commands find it again.
+
+runs/x/config.yaml      the resolved config (paths absolute)
+runs/x/model/           PEFT adapter (lora) or full weights (full, freeze) + tokenizer
+runs/x/metrics.jsonl    every logged figure, per task, one JSON object per line
+runs/x/results.json     zero-shot and fine-tuned metrics per task; results.md the table
+runs/x/checkpoints/     atomic checkpoints for --resume
+runs/x/tb/              TensorBoard events
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from multitune.config import RunConfig, dump_config, load_config
+from multitune.data.encode import Encoder
+from multitune.data.sources import Example, load_split
+from multitune.errors import MultituneError
+from multitune.models.base import load_base_model, load_tokenizer, resolve_model_dir
+from multitune.tasks.spec import primary_metric
+
+CONFIG = "config.yaml"
+MODEL = "model"
+RESULTS = "results.json"
+TABLE = "results.md"
+METRICS = "metrics.jsonl"
+
+
+def prepare_run_dir(cfg: RunConfig, overwrite: bool, resume: bool) -> Path:
+    """Refuse to write into a non-empty run dir unless told to overwrite it or resume it."""
+    out = Path(cfg.output)
+    if resume:
+        if not (out / CONFIG).is_file():
+            raise MultituneError(f"--resume: {out} holds no run to resume (no {CONFIG})")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise MultituneError(
+                f"output dir {out} is not empty: pass --overwrite to replace it or --resume to continue it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / CONFIG, dump_config(cfg))
+    return out
+
+
+def load_examples(cfg: RunConfig, split: str) -> dict[str, list[Example]]:
+    """Validated examples of one split for every task (tasks without that split are left out)."""
+    out = {}
+    for task in cfg.tasks:
+        limit = (
+            task.max_train_examples
+            if split == "train"
+            else (task.max_eval_examples or cfg.eval.max_examples)
+        )
+        rows = load_split(task, split, limit)
+        if rows:
+            out[task.name] = rows
+    return out
+
+
+def make_encoder(cfg: RunConfig, tokenizer) -> Encoder:
+    return Encoder(
+        tokenizer,
+        {t.name: i for i, t in enumerate(cfg.tasks)},
+        cfg.train.max_length,
+        cfg.chat_template,
+    )
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise MultituneError(f"{run_dir} is not a run directory (no {CONFIG})")
+    return load_config(run_dir / CONFIG)
+
+
+def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Module, object]:
+    """The fine-tuned model of a run and its tokenizer."""
+    model_dir = Path(run_dir) / MODEL
+    if not model_dir.is_dir():
+        raise MultituneError(f"{run_dir} has no trained model yet ({MODEL}/ is missing)")
+    tokenizer = load_tokenizer(str(model_dir))
+    if cfg.method.name == "lora":
+        from peft import PeftModel
+
+        base = load_base_model(cfg.model, cfg.cache_dir)
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        model = load_base_model(str(model_dir))
+    return model.eval(), tokenizer
+
+
+def load_base(cfg: RunConfig) -> tuple[torch.nn.Module, object]:
+    model = load_base_model(cfg.model, cfg.cache_dir)
+    return model, load_tokenizer(cfg.model, cfg.cache_dir)
+
+
+def save_trained_model(model: torch.nn.Module, tokenizer, run_dir: Path, cfg: RunConfig) -> None:
+    """Write model/ atomically (temporary folder, then rename)."""
+    final = run_dir / MODEL
+    tmp = run_dir / f".{MODEL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.method.name == "lora":
+        model.save_pretrained(str(tmp))
+        # point the adapter at the resolved local base so plain PEFT can load it offline
+        conf_path = tmp / "adapter_config.json"
+        conf = json.loads(conf_path.read_text())
+        conf["base_model_name_or_path"] = resolve_model_dir(cfg.model, cfg.cache_dir)
+        conf_path.write_text(json.dumps(conf, indent=2))
+    else:
+        model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    old = run_dir / f".{MODEL}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_results(run_dir: Path) -> dict:
+    path = Path(run_dir) / RESULTS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_results(run_dir: Path, results: dict, cfg: RunConfig) -> str:
+    """results.json + results.md; returns the markdown table."""
+    write_atomic(Path(run_dir) / RESULTS, json.dumps(results, indent=2))
+    table = results_table(results, cfg)
+    write_atomic(Path(run_dir) / TABLE, table + "\n")
+    return table
+
+
+def results_table(results: dict, cfg: RunConfig) -> str:
+    """Per task: primary metric (and the second one when there is one), zero-shot vs fine-tuned."""
+    columns = [c for c in ("zero_shot", "fine_tuned") if c in results]
+    head = "| task | metric | " + " | ".join(c.replace("_", "-") for c in columns)
+    head += " | Δ |" if len(columns) == 2 else " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2 + (len(columns) == 2))]
+    for task in cfg.tasks:
+        metrics = _metrics_of(task, results, columns)
+        for metric in metrics:
+            vals = [results[c]["tasks"].get(task.name, {}).get(metric) for c in columns]
+            cells = [f"{v:.1f}" if isinstance(v, int | float) else "-" for v in vals]
+            row = f"| {task.name} | {metric} | " + " | ".join(cells)
+            if len(columns) == 2:
+                a, b = vals
+                row += f" | {b - a:+.1f} |" if a is not None and b is not None else " | - |"
+            else:
+                row += " |"
+            lines.append(row)
+    means = [results[c].get("mean") for c in columns]
+    if any(m is not None for m in means):
+        row = "| **mean** | primary | " + " | ".join(
+            f"{m:.1f}" if m is not None else "-" for m in means
+        )
+        if len(columns) == 2 and None not in means:
+            row += f" | {means[1] - means[0]:+.1f} |"
+        else:
+            row += " |" + (" - |" if len(columns) == 2 else "")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _metrics_of(task, results: dict, columns: list[str]) -> list[str]:
+    first = primary_metric(task)
+    names = [first]
+    for c in columns:
+        for name in results[c]["tasks"].get(task.name, {}):
+            if name not in names and name != "n":
+                names.append(name)
+    return names

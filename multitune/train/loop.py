@@ -1,0 +1,353 @@
+"""The training loop, top to bottom: data -> zero-shot eval -> method -> steps -> final eval.
+
+Runs on `accelerate.Accelerator` (one process by default; `accelerate launch` for DDP/FSDP):
+each optimizer step draws `batch_size x processes x grad_accum` rows from the task mixture, every
+process takes its own slice, and losses are kept per task from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from multitune import run as rundir
+from multitune.config import RunConfig
+from multitune.data.collate import collate
+from multitune.data.mixing import TaskMixture
+from multitune.errors import MultituneError
+from multitune.evaluate.runner import evaluate, lookup
+from multitune.methods import apply_method, count_parameters
+from multitune.models.forward import per_row_mean_nll, target_logprobs
+from multitune.tasks.spec import higher_is_better
+from multitune.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable,
+    save_checkpoint,
+    save_weights_atomic,
+)
+
+
+def train(
+    cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_after: int | None = None
+) -> dict:
+    """Fine-tune `cfg.model` on the mixture of `cfg.tasks`; returns results.json's content.
+
+    `stop_after`: leave after that many optimizer steps (checkpoint saved), as a time-boxed job
+    would; `--resume` continues from there.
+    """
+    if cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
+        raise MultituneError(
+            f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU (on CPU bf16/fp16 are emulated, ~300x slower)"
+        )
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    main = accelerator.is_main_process
+    say = print if main else (lambda *a, **k: None)
+
+    # --- data: every split of every task is validated before the model is loaded
+    train_rows = rundir.load_examples(cfg, "train")
+    eval_rows = rundir.load_examples(cfg, cfg.eval.split)
+    dev_rows = eval_rows if cfg.eval.split == "dev" else rundir.load_examples(cfg, "dev")
+    if not train_rows:
+        raise MultituneError("no task has a train split: nothing to train on")
+    run_dir = rundir.prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+
+    model, tokenizer = rundir.load_base(cfg)
+    encoder = rundir.make_encoder(cfg, tokenizer)
+    encoded = {t: [encoder.encode(ex) for ex in rows] for t, rows in train_rows.items()}
+    truncated = {t: sum(e.truncated for e in rows) for t, rows in encoded.items()}
+    for t, n in truncated.items():
+        if n:
+            say(
+                f"[data] {t}: {n} of {len(encoded[t])} train rows longer than max_length "
+                f"{cfg.train.max_length} were truncated (prompt side)"
+            )
+
+    results = rundir.read_results(run_dir) if resume else {}
+    if cfg.eval.zero_shot and "zero_shot" not in results:
+        say(f"[eval] zero-shot on {cfg.eval.split}: {_sizes(eval_rows)}")
+        results["zero_shot"] = evaluate(model, encoder, cfg, eval_rows)
+        if main:
+            rundir.write_results(run_dir, results, cfg)
+
+    set_seed(cfg.train.seed)  # new weights (LoRA's A) start the same in every run of this seed
+    model = apply_method(model, cfg.method)
+    trainable, total = count_parameters(model)
+    say(
+        f"[model] {cfg.model} + {cfg.method.name}: trainable {trainable:,} of {total:,} parameters "
+        f"({100 * trainable / total:.3f}%)"
+    )
+
+    # --- optimisation
+    n_proc = accelerator.num_processes
+    rows_per_step = cfg.train.batch_size * n_proc * cfg.train.grad_accum
+    total_rows = sum(len(r) for r in encoded.values())
+    steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * total_rows / rows_per_step))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(
+        cfg.train.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.train.warmup_ratio * steps),
+        num_training_steps=steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mixture = TaskMixture(
+        {t: len(r) for t, r in encoded.items()},
+        cfg.mixing.strategy,
+        cfg.mixing.temperature,
+        cfg.mixing.weights,
+        cfg.train.seed,
+    )
+    state = {
+        "best": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "tokens": 0,
+        "target_tokens": 0,
+        "seconds": 0.0,
+    }
+    set_seed(cfg.train.seed)
+    ckpt_root = run_dir / "checkpoints"
+    step = 0
+    if resume:
+        found = list_checkpoints(ckpt_root)
+        if found:
+            saved = load_checkpoint(
+                found[-1], accelerator.unwrap_model(model), optimizer, scheduler
+            )
+            step = saved.pop("step")
+            mixture.load_state_dict(saved.pop("mixture"))
+            state.update(saved)
+            say(f"[resume] from {found[-1].name}")
+        _truncate_log(run_dir / rundir.METRICS, step)
+
+    say(
+        f"[train] {steps} steps x {rows_per_step} rows; mixture "
+        + ", ".join(f"{t} {p:.2f}" for t, p in mixture.probabilities.items())
+    )
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1) if main else None
+    log = open(run_dir / rundir.METRICS, "a") if main else None
+    task_names = cfg.task_names
+    window = _Window(task_names)
+    bar = tqdm(total=steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    stop = False
+    model.train()
+
+    while step < steps and not stop:
+        t0 = time.perf_counter()
+        grad_norm = None
+        for micro in range(cfg.train.grad_accum):
+            pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[
+                accelerator.process_index :: n_proc
+            ]
+            batch = collate([encoded[t][i] for t, i in pairs], tokenizer.pad_token_id).to(
+                accelerator.device
+            )
+            sync = micro == cfg.train.grad_accum - 1
+            with accelerator.no_sync(model) if not sync else nullcontext():
+                logp, rows = target_logprobs(model, batch)
+                row_loss = per_row_mean_nll(logp, rows, batch.input_ids.shape[0])
+                loss = row_loss.mean() / cfg.train.grad_accum
+                accelerator.backward(loss)
+            window.add(batch, row_loss.detach(), rows, task_names)
+        if cfg.train.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["seconds"] += time.perf_counter() - t0
+        state["tokens"] += window.last_tokens
+        state["target_tokens"] += window.last_targets
+        bar.update(1)
+        bar.set_postfix({t: f"{v:.3f}" for t, v in window.running().items()})
+
+        if step % cfg.train.log_every == 0 or step == steps:
+            figures = window.flush()
+            record = {
+                "step": step,
+                "split": "train",
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9),
+                **figures.pop("_all"),
+            }
+            _log(log, writer, record, figures)
+
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
+            result = evaluate(model, encoder, cfg, dev_rows)
+            per_task = {
+                t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()
+            }
+            _log(log, writer, {"step": step, "split": "dev", "mean": result["mean"]}, per_task)
+            stop = _early_stopping(
+                cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say
+            )
+
+        periodic = cfg.train.save_every is not None and step % cfg.train.save_every == 0
+        if main and (periodic or stop_after == step):
+            _flush(log)
+            save_checkpoint(
+                ckpt_root,
+                step,
+                accelerator.unwrap_model(model),
+                optimizer,
+                scheduler,
+                {**state, "mixture": mixture.state_dict()},
+                cfg.train.keep_checkpoints,
+            )
+        if stop_after is not None and step >= stop_after:
+            bar.close()
+            _flush(log)
+            say(f"[train] stopped after step {step} as asked; continue with --resume")
+            return results
+    bar.close()
+    if log:
+        log.close()
+
+    model = accelerator.unwrap_model(model)
+    es = cfg.train.early_stopping
+    if es is not None and es.restore_best and (run_dir / "best.safetensors").is_file():
+        load_trainable(model, run_dir / "best.safetensors")
+        say(
+            f"[train] restored the best weights (step {state['best_step']}, {es.metric}={state['best']:.2f})"
+        )
+    if main:
+        rundir.save_trained_model(model, tokenizer, run_dir, cfg)
+
+    say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
+    results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
+    results["train"] = {
+        "steps": step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "truncated_rows": truncated,
+        "seconds": round(state["seconds"], 2),
+        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "target_tokens_per_s": round(state["target_tokens"] / max(state["seconds"], 1e-9), 1),
+    }
+    if main:
+        table = rundir.write_results(run_dir, results, cfg)
+        say(table)
+        if writer:
+            writer.close()
+    return results
+
+
+class _Window:
+    """Per-task running losses between two log lines (and an EMA for the progress bar)."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        self.sums = {t: 0.0 for t in tasks}
+        self.counts = {t: 0 for t in tasks}
+        self.tokens = {t: 0 for t in tasks}
+        self.ema: dict[str, float] = {}
+        self.last_tokens = self.last_targets = 0
+
+    def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor, names: list[str]) -> None:
+        tids = batch.task_ids.tolist()
+        row_tokens = batch.attention_mask.sum(-1).tolist()
+        self.last_tokens = int(sum(row_tokens))
+        self.last_targets = int(rows.numel())
+        for tid, loss, n in zip(tids, row_loss.tolist(), row_tokens, strict=True):
+            t = names[tid]
+            self.sums[t] += loss
+            self.counts[t] += 1
+            self.tokens[t] += n
+            self.ema[t] = loss if t not in self.ema else 0.9 * self.ema[t] + 0.1 * loss
+
+    def running(self) -> dict[str, float]:
+        return dict(self.ema)
+
+    def flush(self) -> dict[str, dict]:
+        out = {
+            t: {
+                "loss": self.sums[t] / self.counts[t],
+                "rows": self.counts[t],
+                "tokens": self.tokens[t],
+            }
+            for t in self.tasks
+            if self.counts[t]
+        }
+        n = sum(self.counts.values())
+        out["_all"] = {"loss": sum(self.sums.values()) / max(n, 1), "rows": n}
+        for t in self.tasks:
+            self.sums[t], self.counts[t], self.tokens[t] = 0.0, 0, 0
+        return out
+
+
+def _early_stopping(
+    cfg: RunConfig, result: dict, step: int, state: dict, model, run_dir: Path, say
+) -> bool:
+    es = cfg.train.early_stopping
+    if es is None:
+        return False
+    try:
+        value = lookup(result, es.metric)
+    except KeyError:
+        raise MultituneError(
+            f"train.early_stopping.metric '{es.metric}' is not among the eval metrics"
+        ) from None
+    larger = es.metric == "mean" or higher_is_better(es.metric.split("/")[-1])
+    better = state["best"] is None or (value > state["best"] if larger else value < state["best"])
+    if better:
+        state.update(best=value, best_step=step, bad_evals=0)
+        save_weights_atomic(model, run_dir / "best.safetensors")
+        return False
+    state["bad_evals"] += 1
+    if state["bad_evals"] >= es.patience:
+        say(
+            f"[train] early stop at step {step}: {es.metric} has not improved for {es.patience} evals"
+        )
+        return True
+    return False
+
+
+def _log(log, writer, record: dict, per_task: dict[str, dict]) -> None:
+    if log is None:
+        return
+    step, split = record["step"], record["split"]
+    log.write(json.dumps(record) + "\n")
+    for task, figures in per_task.items():
+        log.write(json.dumps({"step": step, "split": split, "task": task, **figures}) + "\n")
+    for key, value in record.items():
+        if key not in ("step", "split") and isinstance(value, int | float):
+            writer.add_scalar(f"{split}/{key}", value, step)
+    for task, figures in per_task.items():
+        for key, value in figures.items():
+            if isinstance(value, int | float):
+                writer.add_scalar(f"{split}/{task}/{key}", value, step)
+
+
+def _flush(log) -> None:
+    if log is not None:
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    rundir.write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _sizes(rows: dict) -> str:
+    return ", ".join(f"{t} {len(r)}" for t, r in rows.items())

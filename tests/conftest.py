@@ -1,0 +1,149 @@
+"""Shared fixtures: a tiny BPE tokenizer (plain and chat) and tiny random causal LMs.
+
+Everything is built in-process from the shared data sets (no network), once per session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+EOT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VOCAB_SIZE = 600
+
+# ChatML, as SmolLM2-Instruct uses it (without its default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _training_texts() -> list[str]:
+    texts = []
+    for task in ("sst2", "ag_news"):
+        with open(DATA / task / "train.jsonl", encoding="utf-8") as f:
+            texts.extend(json.loads(line)["text"] for line in f if line.strip())
+    return texts
+
+
+def _train_bpe() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_texts(), trainer=trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared data sets (``../shared/data``)."""
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def _bpe_json() -> str:
+    return _train_bpe().to_str()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, _bpe_json) -> Path:
+    """A ~600-token byte-level BPE tokenizer; ``<|endoftext|>`` is bos, eos and pad."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_bpe_json),
+        bos_token=EOT,
+        eos_token=EOT,
+        pad_token=EOT,
+        unk_token=None,
+    )
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer_dir(tmp_path_factory, _bpe_json) -> Path:
+    """The tiny tokenizer plus ``<|im_start|>``/``<|im_end|>`` (eos) and a ChatML template."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_bpe_json),
+        bos_token=EOT,
+        eos_token=EOT,
+        pad_token=EOT,
+        unk_token=None,
+    )
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.eos_token = IM_END
+    tok.chat_template = CHATML_TEMPLATE
+    out = tmp_path_factory.mktemp("tiny_chat_tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+_ARCH = {
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer_dir, tiny_chat_tokenizer_dir) -> dict:
+    """{"llama": dir, "qwen2": dir, "gpt2": dir}: tiny random models saved with their tokenizer."""
+    chat_tok = PreTrainedTokenizerFast.from_pretrained(tiny_chat_tokenizer_dir)
+    plain_tok = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
+    vocab = len(chat_tok)
+    dirs = {}
+    for arch, sizes in _ARCH.items():
+        tok = plain_tok if arch == "gpt2" else chat_tok
+        config = AutoConfig.for_model(
+            arch,
+            vocab_size=vocab,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **sizes,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        out = tmp_path_factory.mktemp(f"tiny_{arch}")
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        dirs[arch] = out
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_dirs) -> Path:
+    """The tiny llama model dir (chat tokenizer included)."""
+    return tiny_model_dirs["llama"]
