@@ -56,9 +56,7 @@ def evaluate_run(
     return rundir.results_table({key: result}, cfg)
 
 
-def predict_rows(
-    run_dir: Path, task_name: str, rows: Iterable[str], source: str, base: bool = False
-) -> Iterator[dict]:
+def predict_rows(run_dir: Path, task_name: str, rows: Iterable[str], source: str, base: bool = False) -> Iterator[dict]:
     """Yield each input row with its prediction added, in input order."""
     import json
 

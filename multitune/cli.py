@@ -9,9 +9,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="multitune", description="Multi-task fine-tuning of causal LMs."
-    )
+    parser = argparse.ArgumentParser(prog="multitune", description="Multi-task fine-tuning of causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a base model on a mixture of tasks")
@@ -21,9 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
-    p = sub.add_parser(
-        "eval", help="per-task metrics of a run (or of the base model: --model base)"
-    )
+    p = sub.add_parser("eval", help="per-task metrics of a run (or of the base model: --model base)")
     p.add_argument("target", help="run dir, or a run YAML (then the base model is evaluated)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.max_examples=100")
     p.add_argument("--model", choices=["trained", "base"], default="trained")

@@ -30,9 +30,7 @@ class DataConfig(Strict):
     train: str | None = None
     dev: str | None = None
     test: str | None = None
-    hf_dataset: str | None = Field(
-        None, description="datasets.load_dataset name; splits are then split names"
-    )
+    hf_dataset: str | None = Field(None, description="datasets.load_dataset name; splits are then split names")
     hf_subset: str | None = None
 
 
@@ -100,9 +98,7 @@ class FreezeMethod(Strict):
 
     name: Literal["freeze"]
     last_layers: int = Field(0, ge=0)
-    modules: list[str] = Field(
-        default_factory=list, description="regexes matched against parameter names"
-    )
+    modules: list[str] = Field(default_factory=list, description="regexes matched against parameter names")
 
     @model_validator(mode="after")
     def _something_trains(self) -> FreezeMethod:
@@ -220,9 +216,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise MultituneError(
-            f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})"
-        ) from None
+        raise MultituneError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise MultituneError(f"{path}: a run config must be a YAML mapping of keys to values")
     for item in overrides or []:
@@ -272,9 +266,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
-                raise MultituneError(
-                    f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section"
-                )
+                raise MultituneError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section")
     last = parts[-1]
     if isinstance(node, list):
         raise MultituneError(f"override '{item}': name a key inside the list item")
@@ -288,9 +280,7 @@ def _list_item(items: list, part: str, where: str) -> dict:
         if isinstance(it, dict) and it.get("name") == part:
             return it
     names = [str(it.get("name")) for it in items if isinstance(it, dict)]
-    raise MultituneError(
-        f"override: no item '{part}' in '{where.rsplit('.', 1)[0]}' (have: {', '.join(names)})"
-    )
+    raise MultituneError(f"override: no item '{part}' in '{where.rsplit('.', 1)[0]}' (have: {', '.join(names)})")
 
 
 def describe_validation_error(e: ValidationError, raw: dict[str, Any]) -> str:
@@ -326,11 +316,7 @@ def _readable_loc(loc: tuple, raw: dict[str, Any]) -> str:
             continue
         if isinstance(part, int):
             name = None
-            if (
-                loc[:i] == ("tasks",)
-                and isinstance(raw.get("tasks"), list)
-                and part < len(raw["tasks"])
-            ):
+            if loc[:i] == ("tasks",) and isinstance(raw.get("tasks"), list) and part < len(raw["tasks"]):
                 item = raw["tasks"][part]
                 name = item.get("name") if isinstance(item, dict) else None
             out[-1] += f"[{name or part}]"

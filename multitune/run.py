@@ -53,11 +53,7 @@ def load_examples(cfg: RunConfig, split: str) -> dict[str, list[Example]]:
     """Validated examples of one split for every task (tasks without that split are left out)."""
     out = {}
     for task in cfg.tasks:
-        limit = (
-            task.max_train_examples
-            if split == "train"
-            else (task.max_eval_examples or cfg.eval.max_examples)
-        )
+        limit = task.max_train_examples if split == "train" else (task.max_eval_examples or cfg.eval.max_examples)
         rows = load_split(task, split, limit)
         if rows:
             out[task.name] = rows
@@ -163,9 +159,7 @@ def results_table(results: dict, cfg: RunConfig) -> str:
             lines.append(row)
     means = [results[c].get("mean") for c in columns]
     if any(m is not None for m in means):
-        row = "| **mean** | primary | " + " | ".join(
-            f"{m:.1f}" if m is not None else "-" for m in means
-        )
+        row = "| **mean** | primary | " + " | ".join(f"{m:.1f}" if m is not None else "-" for m in means)
         if len(columns) == 2 and None not in means:
             row += f" | {means[1] - means[0]:+.1f} |"
         else:

@@ -53,9 +53,7 @@ class Encoder:
         """Token ids the chat template puts before and after the user's text."""
         if not self.use_chat:
             bos = self.tok.bos_token_id
-            add_bos = bos is not None and self.tok("a", add_special_tokens=True).input_ids[:1] == [
-                bos
-            ]
+            add_bos = bos is not None and self.tok("a", add_special_tokens=True).input_ids[:1] == [bos]
             return ([bos] if add_bos else []), []
         text = self.tok.apply_chat_template(
             [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True

@@ -45,16 +45,12 @@ def mixture_probabilities(
     weights strategy, so a config may carry defaults it does not use.
     """
     if strategy not in STRATEGIES:
-        raise MultituneError(
-            f"unknown mixing strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}"
-        )
+        raise MultituneError(f"unknown mixing strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
     if not sizes:
         raise MultituneError("task mixture needs at least one task; got no tasks")
     for name, size in sizes.items():
         if int(size) != size or size < 1:
-            raise MultituneError(
-                f"task {name!r} has size {size}; every task needs at least one example"
-            )
+            raise MultituneError(f"task {name!r} has size {size}; every task needs at least one example")
 
     names = list(sizes)
     n = np.array([sizes[name] for name in names], dtype=np.float64)
@@ -62,12 +58,8 @@ def mixture_probabilities(
     if strategy == "proportional":
         raw = n
     elif strategy == "temperature":
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (
-            temperature <= 0
-        ):
-            raise MultituneError(
-                f"mixing temperature must be a finite number > 0; got {temperature!r}"
-            )
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or (temperature <= 0):
+            raise MultituneError(f"mixing temperature must be a finite number > 0; got {temperature!r}")
         raw = n ** (1.0 / temperature)
     elif strategy == "uniform":
         raw = np.ones_like(n)
@@ -85,14 +77,12 @@ def _checked_weights(names: list[str], weights: dict[str, float] | None) -> list
     unknown = [w for w in weights if w not in names]
     if unknown:
         raise MultituneError(
-            f"mixing weights name unknown task(s) {', '.join(map(repr, unknown))}; "
-            f"known tasks: {', '.join(names)}"
+            f"mixing weights name unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(names)}"
         )
     missing = [name for name in names if name not in weights]
     if missing:
         raise MultituneError(
-            f"mixing weights missing for task(s) {', '.join(map(repr, missing))}; "
-            "every task needs a weight >= 0"
+            f"mixing weights missing for task(s) {', '.join(map(repr, missing))}; every task needs a weight >= 0"
         )
     values = []
     for name in names:
@@ -135,9 +125,7 @@ class TaskMixture:
         weights: dict[str, float] | None = None,
         seed: int = 0,
     ) -> None:
-        self.probabilities: dict[str, float] = mixture_probabilities(
-            sizes, strategy, temperature, weights
-        )
+        self.probabilities: dict[str, float] = mixture_probabilities(sizes, strategy, temperature, weights)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise MultituneError(f"mixing seed must be an integer >= 0; got {seed!r}")
         self._seed = int(seed)
@@ -203,23 +191,17 @@ class TaskMixture:
         """
         tasks = list(state.get("tasks", []))
         if tasks != self._names:
-            raise MultituneError(
-                f"mixture state is for tasks {tasks}, but this mixture has tasks {self._names}"
-            )
+            raise MultituneError(f"mixture state is for tasks {tasks}, but this mixture has tasks {self._names}")
         sizes = [int(s) for s in state.get("sizes", [])]
         if sizes != self._sizes:
-            raise MultituneError(
-                f"mixture state is for task sizes {sizes}, but this mixture has sizes {self._sizes}"
-            )
+            raise MultituneError(f"mixture state is for task sizes {sizes}, but this mixture has sizes {self._sizes}")
         epochs = [int(e) for e in state["epochs"]]
         positions = [int(p) for p in state["positions"]]
         if len(epochs) != len(tasks) or len(positions) != len(tasks):
             raise MultituneError("mixture state has epochs/positions for the wrong number of tasks")
         for name, pos, size in zip(tasks, positions, sizes, strict=True):
             if not 0 <= pos < size:
-                raise MultituneError(
-                    f"mixture state position {pos} for task {name!r} is outside 0..{size - 1}"
-                )
+                raise MultituneError(f"mixture state position {pos} for task {name!r} is outside 0..{size - 1}")
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
         self._rng = rng

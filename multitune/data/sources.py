@@ -50,9 +50,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
             raise MultituneError(f"{path}: not a readable Parquet file ({e})") from None
         rows = [(i + 1, r) for i, r in enumerate(table.to_pylist())]
     else:
-        raise MultituneError(
-            f"{path}: unknown data format '{suffix}' (use .jsonl, .csv or .parquet)"
-        )
+        raise MultituneError(f"{path}: unknown data format '{suffix}' (use .jsonl, .csv or .parquet)")
     if not rows:
         raise MultituneError(f"{path}: the file has no rows")
     return rows
@@ -67,13 +65,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise MultituneError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
-                ) from None
+                raise MultituneError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise MultituneError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
+                raise MultituneError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
     return rows
 
@@ -124,8 +118,7 @@ def row_to_example(task: TaskConfig, row: dict, where: str, need_target: bool = 
         return Example(task.name, prompt, None, [], where)
     if target is not None and task.kind == "classification" and target not in task.labels:
         raise MultituneError(
-            f"{where}: field '{_label_field(task)}' has label {target!r}, not one of "
-            f"{task.labels} (task '{task.name}')"
+            f"{where}: field '{_label_field(task)}' has label {target!r}, not one of {task.labels} (task '{task.name}')"
         )
     references = _references(task, row, where) if need_target else []
     if target is not None and not target.strip():

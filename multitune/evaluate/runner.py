@@ -143,9 +143,7 @@ def evaluate(
         rows = examples.get(task.name) or []
         if not rows:
             continue
-        preds = predict(
-            model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens
-        )
+        preds = predict(model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens)
         out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
     out["mean"] = mean_primary(cfg, out["tasks"])
     return out

@@ -23,15 +23,11 @@ def apply_freeze(model: PreTrainedModel, cfg: FreezeMethod) -> PreTrainedModel:
     layer_prefixes = _last_layer_prefixes(model, cfg.last_layers)
     chosen = 0
     for name, p in model.named_parameters():
-        train = any(name.startswith(pre) for pre in layer_prefixes) or any(
-            pat.search(name) for pat in patterns
-        )
+        train = any(name.startswith(pre) for pre in layer_prefixes) or any(pat.search(name) for pat in patterns)
         p.requires_grad_(train)
         chosen += train
     if chosen == 0:
-        raise MultituneError(
-            f"method freeze: modules {cfg.modules} match no parameter of the model"
-        )
+        raise MultituneError(f"method freeze: modules {cfg.modules} match no parameter of the model")
     return model
 
 

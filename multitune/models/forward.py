@@ -36,7 +36,5 @@ def target_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor,
 def per_row_mean_nll(logp: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Mean negative log-likelihood of each row's target tokens: (B,)."""
     total = torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add_(0, rows, -logp)
-    count = torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add_(
-        0, rows, torch.ones_like(logp)
-    )
+    count = torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add_(0, rows, torch.ones_like(logp))
     return total / count.clamp(min=1)

@@ -42,18 +42,13 @@ def _check_pair(predictions: Sequence[object], golds: Sequence[object], what: st
     if len(predictions) == 0:
         raise ValueError("predictions is empty: there is nothing to score")
     if len(predictions) != len(golds):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(golds)} {what}: "
-            "they must have the same length"
-        )
+        raise ValueError(f"got {len(predictions)} predictions but {len(golds)} {what}: they must have the same length")
 
 
 def _reference_list(refs: Sequence[str], index: int) -> list[str]:
     """One example's references as a non-empty list; a bare string would be read as characters."""
     if isinstance(refs, str):
-        raise ValueError(
-            f"references[{index}] is a string, not a list of strings: wrap it as [reference]"
-        )
+        raise ValueError(f"references[{index}] is a string, not a list of strings: wrap it as [reference]")
     if len(refs) == 0:
         raise ValueError(f"references[{index}] is empty: every example needs a reference")
     return list(refs)
@@ -161,9 +156,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
     total = 0.0
     for i, (prediction, refs) in enumerate(zip(predictions, references, strict=True)):
         # rouge_score's signature is score(target, prediction).
-        total += max(
-            scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _reference_list(refs, i)
-        )
+        total += max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _reference_list(refs, i))
     return 100.0 * total / len(predictions)
 
 

@@ -16,9 +16,7 @@ _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=Tru
 @lru_cache(maxsize=256)
 def _compile(source: str):
     try:
-        return _ENV.from_string(source), frozenset(
-            meta.find_undeclared_variables(_ENV.parse(source))
-        )
+        return _ENV.from_string(source), frozenset(meta.find_undeclared_variables(_ENV.parse(source)))
     except TemplateSyntaxError as e:
         raise MultituneError(f"template {source!r}: {e.message} (line {e.lineno})") from None
 

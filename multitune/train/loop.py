@@ -39,9 +39,7 @@ from multitune.train.checkpoint import (
 )
 
 
-def train(
-    cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_after: int | None = None
-) -> dict:
+def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_after: int | None = None) -> dict:
     """Fine-tune `cfg.model` on the mixture of `cfg.tasks`; returns results.json's content.
 
     `stop_after`: leave after that many optimizer steps (checkpoint saved), as a time-boxed job
@@ -125,9 +123,7 @@ def train(
     if resume:
         found = list_checkpoints(ckpt_root)
         if found:
-            saved = load_checkpoint(
-                found[-1], accelerator.unwrap_model(model), optimizer, scheduler
-            )
+            saved = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
             step = saved.pop("step")
             mixture.load_state_dict(saved.pop("mixture"))
             state.update(saved)
@@ -150,12 +146,8 @@ def train(
         t0 = time.perf_counter()
         grad_norm = None
         for micro in range(cfg.train.grad_accum):
-            pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[
-                accelerator.process_index :: n_proc
-            ]
-            batch = collate([encoded[t][i] for t, i in pairs], tokenizer.pad_token_id).to(
-                accelerator.device
-            )
+            pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
+            batch = collate([encoded[t][i] for t, i in pairs], tokenizer.pad_token_id).to(accelerator.device)
             sync = micro == cfg.train.grad_accum - 1
             with accelerator.no_sync(model) if not sync else nullcontext():
                 logp, rows = target_logprobs(model, batch)
@@ -189,13 +181,9 @@ def train(
 
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
             result = evaluate(model, encoder, cfg, dev_rows)
-            per_task = {
-                t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()
-            }
+            per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
             _log(log, writer, {"step": step, "split": "dev", "mean": result["mean"]}, per_task)
-            stop = _early_stopping(
-                cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say
-            )
+            stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
 
         periodic = cfg.train.save_every is not None and step % cfg.train.save_every == 0
         if main and (periodic or stop_after == step):
@@ -222,9 +210,7 @@ def train(
     es = cfg.train.early_stopping
     if es is not None and es.restore_best and (run_dir / "best.safetensors").is_file():
         load_trainable(model, run_dir / "best.safetensors")
-        say(
-            f"[train] restored the best weights (step {state['best_step']}, {es.metric}={state['best']:.2f})"
-        )
+        say(f"[train] restored the best weights (step {state['best_step']}, {es.metric}={state['best']:.2f})")
     if main:
         rundir.save_trained_model(model, tokenizer, run_dir, cfg)
 
@@ -290,18 +276,14 @@ class _Window:
         return out
 
 
-def _early_stopping(
-    cfg: RunConfig, result: dict, step: int, state: dict, model, run_dir: Path, say
-) -> bool:
+def _early_stopping(cfg: RunConfig, result: dict, step: int, state: dict, model, run_dir: Path, say) -> bool:
     es = cfg.train.early_stopping
     if es is None:
         return False
     try:
         value = lookup(result, es.metric)
     except KeyError:
-        raise MultituneError(
-            f"train.early_stopping.metric '{es.metric}' is not among the eval metrics"
-        ) from None
+        raise MultituneError(f"train.early_stopping.metric '{es.metric}' is not among the eval metrics") from None
     larger = es.metric == "mean" or higher_is_better(es.metric.split("/")[-1])
     better = state["best"] is None or (value > state["best"] if larger else value < state["best"])
     if better:
@@ -310,9 +292,7 @@ def _early_stopping(
         return False
     state["bad_evals"] += 1
     if state["bad_evals"] >= es.patience:
-        say(
-            f"[train] early stop at step {step}: {es.metric} has not improved for {es.patience} evals"
-        )
+        say(f"[train] early stop at step {step}: {es.metric} has not improved for {es.patience} evals")
         return True
     return False
 
@@ -343,9 +323,7 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop lines written after the checkpoint we resume from (they will be written again)."""
     if not path.is_file():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     rundir.write_atomic(path, "".join(line + "\n" for line in keep))
 
 
