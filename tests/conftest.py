@@ -147,3 +147,72 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer_dir, tiny_chat_tokenizer_di
 def tiny_model_dir(tiny_model_dirs) -> Path:
     """The tiny llama model dir (chat tokenizer included)."""
     return tiny_model_dirs["llama"]
+
+
+def task_sst2(n_train: int = 64, n_eval: int = 16) -> dict:
+    return {
+        "name": "sst2",
+        "kind": "classification",
+        "data": {"train": str(DATA / "sst2/train.jsonl"), "dev": str(DATA / "sst2/dev.jsonl")},
+        "prompt": "Review: {{ text }}\nSentiment?",
+        "target": "{{ label }}",
+        "labels": ["negative", "positive"],
+        "max_train_examples": n_train,
+        "max_eval_examples": n_eval,
+    }
+
+
+def task_rte(n_train: int = 64, n_eval: int = 16) -> dict:
+    return {
+        "name": "rte",
+        "kind": "classification",
+        "data": {"train": str(DATA / "rte/train.jsonl"), "dev": str(DATA / "rte/dev.jsonl")},
+        "prompt": "{{ premise }}\nHypothesis: {{ hypothesis }}\nEntailed?",
+        "target": "{{ label }}",
+        "labels": ["entailment", "not_entailment"],
+        "max_train_examples": n_train,
+        "max_eval_examples": n_eval,
+    }
+
+
+def task_squad(n_train: int = 32, n_eval: int = 6) -> dict:
+    return {
+        "name": "squad",
+        "kind": "extractive_qa",
+        "data": {"train": str(DATA / "squad/train.jsonl"), "dev": str(DATA / "squad/dev.jsonl")},
+        "prompt": "{{ context }}\nQuestion: {{ question }}",
+        "target": "{{ answer }}",
+        "max_train_examples": n_train,
+        "max_eval_examples": n_eval,
+    }
+
+
+@pytest.fixture
+def run_config(tiny_model_dir, tmp_path):
+    """A function building a small, valid run config dict on the tiny llama model."""
+
+    def make(**sections) -> dict:
+        raw = {
+            "model": str(tiny_model_dir),
+            "method": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.1},
+            "tasks": [task_sst2(), task_rte()],
+            "mixing": {"strategy": "temperature", "temperature": 2.0},
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "max_length": 96, "log_every": 1, "seed": 0},
+            "eval": {"max_new_tokens": 6, "batch_size": 8, "zero_shot": False},
+            "output": str(tmp_path / "run"),
+        }
+        for key, value in sections.items():
+            if key in ("train", "eval", "mixing") and isinstance(value, dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        return raw
+
+    return make
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

@@ -50,30 +50,54 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -> list[dict]:
+    """Score every label as a continuation of each prompt.
+
+    The prompt goes through the model once; its KV cache is then repeated for the labels, so a
+    row costs one prompt forward plus a few label tokens, not one full forward per label.
+    """
     label_ids = [encoder.target_ids(label) for label in task.labels]
-    reserve = max(len(ids) for ids in label_ids)
-    tid = encoder.task_ids[task.name]
-    rows_per_forward = max(1, batch_size // len(label_ids))
+    n_labels, width = len(label_ids), max(len(ids) for ids in label_ids)
+    device = _device(model)
+    cont = torch.full((n_labels, width), encoder.tok.pad_token_id, dtype=torch.long)
+    cont_mask = torch.zeros((n_labels, width), dtype=torch.long)
+    for j, ids in enumerate(label_ids):
+        cont[j, : len(ids)] = torch.tensor(ids)
+        cont_mask[j, : len(ids)] = 1
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
     results = []
-    for start in range(0, len(examples), rows_per_forward):
-        chunk = examples[start : start + rows_per_forward]
-        seqs = []
-        for ex in chunk:
-            prompt, _ = encoder.prompt_ids(ex.prompt, reserve=reserve)
-            for ids in label_ids:
-                seqs.append(Encoded(prompt + ids, [IGNORE] * len(prompt) + ids, tid, False))
-        batch = collate(seqs, encoder.tok.pad_token_id).to(_device(model))
-        logp, rows = target_logprobs(model, batch)
-        totals = torch.zeros(len(seqs), device=logp.device).index_add_(0, rows, logp)
-        totals = totals.view(len(chunk), len(label_ids)).cpu()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [encoder.prompt_ids(ex.prompt, reserve=width)[0] for ex in chunk]
+        batch = collate([Encoded(p, [IGNORE] * len(p), 0, False) for p in prompts], encoder.tok.pad_token_id)
+        batch = batch.to(device)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts label token 0
+        b = len(chunk)
+        cache = out.cache
+        cache.batch_repeat_interleave(n_labels)
+        ids = cont.repeat(b, 1)  # (B*L, W): row-major, labels of one prompt together
+        mask = torch.cat([batch.attention_mask.repeat_interleave(n_labels, 0), cont_mask.repeat(b, 1)], dim=1)
+        last_pos = batch.position_ids[:, -1:].repeat_interleave(n_labels, 0)
+        positions = last_pos + 1 + torch.arange(width, device=device)[None]
+        rest = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        logp_rest = torch.log_softmax(rest.logits[:, :-1].float(), dim=-1)  # predicts label tokens 1..W-1
+        tok_logp = torch.cat(
+            [
+                first.repeat_interleave(n_labels, 0).gather(1, ids[:, :1]),
+                logp_rest.gather(2, ids[:, 1:, None])[..., 0],
+            ],
+            dim=1,
+        )
+        totals = (tok_logp * cont_mask.repeat(b, 1)).sum(1).view(b, n_labels).cpu()
         for scores in totals.tolist():
-            best = max(range(len(scores)), key=scores.__getitem__)
-            results.append(
-                {
-                    "prediction": task.labels[best],
-                    "scores": dict(zip(task.labels, scores, strict=True)),
-                }
-            )
+            best = max(range(n_labels), key=scores.__getitem__)
+            results.append({"prediction": task.labels[best], "scores": dict(zip(task.labels, scores, strict=True))})
     return results
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta
-from jinja2.exceptions import UndefinedError
+from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from multitune.errors import MultituneError
@@ -32,3 +32,5 @@ def render(source: str, row: dict) -> str:
         return template.render(**row)
     except UndefinedError as e:
         raise MultituneError(f"template {source!r}: {e.message}") from None
+    except SecurityError as e:
+        raise MultituneError(f"template {source!r} is not allowed: {e}") from None

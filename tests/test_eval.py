@@ -1,0 +1,146 @@
+"""Evaluation and prediction: batched label scoring, generation, perplexity, the eval/predict commands."""
+
+import json
+
+import pytest
+import torch
+from conftest import task_squad, write_yaml
+
+from multitune import run as rundir
+from multitune.cli import main
+from multitune.config import validate_config
+from multitune.data.collate import collate
+from multitune.data.encode import IGNORE, Encoded
+from multitune.data.sources import Example, load_split
+from multitune.evaluate.runner import evaluate, predict, score
+from multitune.models.base import load_base_model, load_tokenizer
+from multitune.models.forward import target_logprobs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_label_scores_equal_one_forward_per_label(arch, tiny_model_dirs, run_config):
+    cfg = validate_config(run_config(model=str(tiny_model_dirs[arch])))
+    model = load_base_model(cfg.model).eval()
+    enc = rundir.make_encoder(cfg, load_tokenizer(cfg.model))
+    task = cfg.task("rte")
+    rows = load_split(task, "dev", limit=7)
+    preds = predict(model, enc, task, rows, batch_size=3)
+    width = max(len(enc.target_ids(label)) for label in task.labels)
+    for ex, pred in zip(rows, preds, strict=True):
+        prompt, _ = enc.prompt_ids(ex.prompt, reserve=width)
+        for label in task.labels:
+            ids = enc.target_ids(label)
+            batch = collate([Encoded(prompt + ids, [IGNORE] * len(prompt) + ids, 0, False)], enc.tok.pad_token_id)
+            with torch.no_grad():
+                naive = target_logprobs(model, batch)[0].sum().item()
+            assert pred["scores"][label] == pytest.approx(naive, abs=1e-4)
+        assert pred["prediction"] == max(pred["scores"], key=pred["scores"].get)
+
+
+def test_score_uses_the_right_metrics():
+    from multitune.config import TaskConfig
+
+    cls = TaskConfig.model_validate(
+        {
+            "name": "c",
+            "kind": "classification",
+            "data": {"dev": "x"},
+            "prompt": "p",
+            "target": "t",
+            "labels": ["a", "b"],
+        }
+    )
+    exs = [Example("c", "p", g) for g in ("a", "a", "b", "b")]
+    got = score(cls, exs, [{"prediction": p} for p in ("a", "b", "b", "b")])
+    # accuracy 3/4; F1(a) = 2*1*0.5/1.5 = 2/3, F1(b) = 2*(2/3)*1/(5/3) = 0.8 -> macro 73.33
+    assert got == {"accuracy": 75.0, "macro_f1": pytest.approx(73.333, abs=1e-3)}
+    qa = TaskConfig.model_validate(
+        {"name": "q", "kind": "extractive_qa", "data": {"dev": "x"}, "prompt": "p", "target": "t"}
+    )
+    exs = [Example("q", "p", "Paris", ["Paris", "in Paris"]), Example("q", "p", "blue", ["blue"])]
+    got = score(qa, exs, [{"prediction": "in paris"}, {"prediction": "red"}])
+    assert got == {"exact_match": 50.0, "f1": 50.0}
+    text = TaskConfig.model_validate({"name": "x", "kind": "text", "data": {"dev": "x"}})
+    import math
+
+    assert score(text, [], [{"nll": 4.0, "tokens": 2}, {"nll": 2.0, "tokens": 1}])["perplexity"] == pytest.approx(
+        math.exp(2.0)
+    )
+
+
+def test_text_perplexity_matches_the_model_loss(tiny_model_dir, run_config):
+    raw = run_config(
+        tasks=[
+            {
+                "name": "pub",
+                "kind": "text",
+                "data": {
+                    "dev": str(rundir.Path(__file__).resolve().parents[2] / "shared/data/pubmed_abstracts/dev.jsonl")
+                },
+                "max_eval_examples": 3,
+            }
+        ]
+    )
+    cfg = validate_config(raw)
+    model = load_base_model(cfg.model).eval()
+    tok = load_tokenizer(cfg.model)
+    enc = rundir.make_encoder(cfg, tok)
+    rows = rundir.load_examples(cfg, "dev")["pub"]
+    result = evaluate(model, enc, cfg, {"pub": rows})
+    nll = count = 0
+    for ex in rows:
+        ids = enc.encode(ex).input_ids
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]))
+        nll += out.loss.item() * (len(ids) - 1)
+        count += len(ids) - 1
+    assert result["tasks"]["pub"]["perplexity"] == pytest.approx(float(torch.exp(torch.tensor(nll / count))), rel=1e-4)
+    assert result["mean"] is None  # perplexity stays out of the mean
+
+
+def test_generation_predictions_are_strings(run_config):
+    cfg = validate_config(run_config(tasks=[task_squad(4, 3)]))
+    model = load_base_model(cfg.model).eval()
+    enc = rundir.make_encoder(cfg, load_tokenizer(cfg.model))
+    rows = rundir.load_examples(cfg, "dev")["squad"]
+    preds = predict(model, enc, cfg.task("squad"), rows, batch_size=2, max_new_tokens=5)
+    assert len(preds) == 3 and all(isinstance(p["prediction"], str) for p in preds)
+    # batched greedy decoding equals decoding each row alone
+    alone = [predict(model, enc, cfg.task("squad"), [r], batch_size=1, max_new_tokens=5)[0] for r in rows]
+    assert alone == preds
+
+
+def test_eval_and_predict_commands(run_config, tmp_path, capsys):
+    raw = run_config(train={"max_steps": 2}, eval={"zero_shot": True})
+    cfg_path = write_yaml(tmp_path / "run.yaml", raw)
+    assert main(["train", str(cfg_path)]) == 0
+    run = tmp_path / "run"
+    before = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| task | metric | zero-shot | fine-tuned | Δ |" in out
+    after = json.loads((run / "results.json").read_text())
+    assert after["fine_tuned"]["tasks"] == before["fine_tuned"]["tasks"]
+    assert after["zero_shot"] == before["zero_shot"]
+    # zero-shot from the YAML alone, with an override
+    assert main(["eval", str(cfg_path), "eval.max_examples=4", "tasks.rte.max_eval_examples=4"]) == 0
+    out = capsys.readouterr().out
+    assert "| task | metric | zero-shot |" in out and "fine-tuned" not in out
+    # predict: JSONL in, JSONL out, order kept
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "a wonderful film", "id": 1}\n{"text": "dreadful", "id": 2}\n')
+    outp = tmp_path / "out.jsonl"
+    assert main(["predict", str(run), "--task", "sst2", "--input", str(inp), "--output", str(outp)]) == 0
+    rows = [json.loads(x) for x in outp.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2]
+    assert all(
+        r["prediction"] in ("negative", "positive") and set(r["scores"]) == {"negative", "positive"} for r in rows
+    )
+    # bad input: unknown task, missing field
+    assert main(["predict", str(run), "--task", "mnli", "--input", str(inp)]) == 2
+    assert "unknown task 'mnli'; this run has: sst2, rte" in capsys.readouterr().err
+    inp.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    assert main(["predict", str(run), "--task", "sst2", "--input", str(inp)]) == 2
+    assert "in.jsonl:2: field 'text' is missing" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2

@@ -1,0 +1,199 @@
+"""End-to-end training on tiny random models: losses, resume, methods, architectures, saving."""
+
+import json
+
+import pytest
+import torch
+from conftest import task_squad, write_yaml
+
+from multitune import run as rundir
+from multitune.cli import main
+from multitune.config import validate_config
+from multitune.data.collate import collate
+from multitune.data.sources import Example
+from multitune.methods import apply_method, count_parameters
+from multitune.models.base import load_base_model, load_tokenizer
+from multitune.models.forward import per_row_mean_nll, target_logprobs
+from multitune.train.checkpoint import list_checkpoints
+from multitune.train.loop import train
+
+
+def _losses(run_dir) -> list[tuple[int, str, float]]:
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["split"] == "train":
+            out.append((r["step"], r.get("task", "*"), r["loss"]))
+    return out
+
+
+def test_training_reduces_loss_and_writes_the_run(run_config):
+    cfg = validate_config(
+        run_config(
+            method={"name": "full"},
+            train={"max_steps": 40, "lr": 3e-3, "log_every": 10},
+            eval={"zero_shot": True},
+        )
+    )
+    results = train(cfg)
+    run = rundir.Path(cfg.output)
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "results.md", "model/config.json"):
+        assert (run / name).exists(), name
+    overall = [loss for step, task, loss in _losses(run) if task == "*"]
+    assert len(overall) == 4 and overall[-1] < overall[0] - 0.5, overall
+    per_task = {task for _, task, _ in _losses(run)}
+    assert per_task == {"*", "sst2", "rte"}
+    assert set(results) == {"zero_shot", "fine_tuned", "train"}
+    assert set(results["fine_tuned"]["tasks"]) == {"sst2", "rte"}
+    assert results["fine_tuned"]["tasks"]["sst2"]["n"] == 16
+    assert "| sst2 | accuracy |" in (run / "results.md").read_text()
+    assert list((run / "tb").iterdir()), "TensorBoard events are written"
+
+
+def test_lora_parameter_count_is_exact(tiny_model_dir):
+    model = load_base_model(str(tiny_model_dir))
+    _, total_before = count_parameters(model)
+    cfg = validate_config({"tasks": [{"name": "t", "kind": "text", "data": {"train": "x"}}], "method": {"rank": 4}})
+    model = apply_method(model, cfg.method)
+    trainable, total = count_parameters(model)
+    # per layer: q(64->64) k(64->32) v(64->32) o(64->64) gate/up(64->128) down(128->64), r * (in + out) each
+    per_layer = 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert trainable == 2 * per_layer
+    assert total == total_before + trainable
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run_config, tmp_path):
+    common = {"max_steps": 8, "save_every": 2, "log_every": 1, "grad_accum": 2}
+    full = validate_config(run_config(train=common, output=str(tmp_path / "full")))
+    train(full)
+    part = validate_config(run_config(train=common, output=str(tmp_path / "part")))
+    train(part, stop_after=5)
+    assert [p.name for p in list_checkpoints(tmp_path / "part/checkpoints")] == ["step-00000004", "step-00000005"]
+    assert not (tmp_path / "part/model").exists()
+    train(part, resume=True)
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert [(s, t) for s, t, _ in a] == [(s, t) for s, t, _ in b]
+    for (_, _, x), (_, _, y) in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-6)
+    from safetensors.torch import load_file
+
+    fa = load_file(str(tmp_path / "full/model/adapter_model.safetensors"))
+    fb = load_file(str(tmp_path / "part/model/adapter_model.safetensors"))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.allclose(fa[k], fb[k], atol=1e-6), k
+
+
+def test_output_dir_is_protected(run_config, tmp_path):
+    cfg_path = write_yaml(tmp_path / "run.yaml", run_config(train={"max_steps": 1}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("earlier results")
+    assert main(["train", str(cfg_path)]) == 2
+    assert (tmp_path / "run" / "keep.txt").read_text() == "earlier results"
+    assert main(["train", str(cfg_path), "--resume"]) == 2  # nothing to resume there
+    assert main(["train", str(cfg_path), "--overwrite"]) == 0
+    assert not (tmp_path / "run" / "keep.txt").exists()
+    assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_cli_errors_are_one_line(run_config, tmp_path, capsys):
+    raw = run_config()
+    raw["train"]["lrr"] = 1
+    assert main(["train", str(write_yaml(tmp_path / "bad.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"multitune: error: {tmp_path / 'bad.yaml'}: unknown key 'train.lrr' (did you mean 'train.lr'?)"
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"text": "x", "label": "positive"}\n{"text": "y", "label": "meh"}\n')
+    raw = run_config()
+    raw["tasks"][0]["data"]["train"] = str(bad_data)
+    assert main(["train", str(write_yaml(tmp_path / "r.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"multitune: error: {bad_data}:2: field 'label' has label 'meh'") and "\n" not in err
+    assert not (tmp_path / "run").exists(), "nothing is written before the data is valid"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_each_architecture_trains(arch, tiny_model_dirs, run_config, tmp_path):
+    raw = run_config(model=str(tiny_model_dirs[arch]), train={"max_steps": 3}, tasks=[task_squad(8, 3)])
+    results = train(validate_config(raw))
+    assert results["train"]["steps"] == 3
+    assert set(results["fine_tuned"]["tasks"]["squad"]) == {"exact_match", "f1", "n"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_target_logprobs_ignore_padding(arch, tiny_model_dirs):
+    model = load_base_model(str(tiny_model_dirs[arch])).eval()
+    tok = load_tokenizer(str(tiny_model_dirs[arch]))
+    from multitune.data.encode import Encoder
+
+    enc = Encoder(tok, {"t": 0}, 64)
+    rows = [enc.encode(Example("t", p, "positive")) for p in ("a long prompt with many words in it", "short")]
+    with torch.no_grad():
+        logp, idx = target_logprobs(model, collate(rows, tok.pad_token_id))
+        together = per_row_mean_nll(logp, idx, 2)
+        alone = [per_row_mean_nll(*target_logprobs(model, collate([r], tok.pad_token_id)), 1) for r in rows]
+        # reference: full logits, plain cross-entropy on the unpadded row
+        ref = []
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r.input_ids])).logits[0, :-1]
+            ref.append(torch.nn.functional.cross_entropy(logits, torch.tensor(r.labels[1:]), ignore_index=-100))
+    assert torch.allclose(together, torch.cat(alone), atol=1e-5)
+    assert torch.allclose(together, torch.stack(ref), atol=1e-5)
+
+
+def test_full_and_freeze_methods(run_config, tiny_model_dir):
+    model = load_base_model(str(tiny_model_dir))
+    _, total = count_parameters(model)
+    cfg = validate_config(run_config(method={"name": "freeze", "last_layers": 1, "modules": [r"^model\.norm\.weight$"]}))
+    frozen = apply_method(model, cfg.method)
+    names = [n for n, p in frozen.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in names)
+    assert any(n.startswith("model.layers.1.") for n in names) and "model.norm.weight" in names
+    trainable, _ = count_parameters(frozen)
+    layer = sum(p.numel() for p in model.model.layers[1].parameters())
+    assert trainable == layer + 64
+    cfg = validate_config(run_config(method={"name": "full"}))
+    assert count_parameters(apply_method(load_base_model(str(tiny_model_dir)), cfg.method)) == (total, total)
+    results = train(validate_config(run_config(method={"name": "freeze", "last_layers": 1}, train={"max_steps": 2})))
+    assert results["train"]["trainable_parameters"] == layer
+    reloaded = load_base_model(str(rundir.Path(run_config()["output"]) / "model"))
+    assert count_parameters(reloaded)[1] == total
+
+
+def test_saved_adapter_loads_in_plain_peft(run_config):
+    from peft import PeftModel
+
+    cfg = validate_config(run_config(train={"max_steps": 4, "lr": 5e-3}))
+    train(cfg)
+    run = rundir.Path(cfg.output)
+    ours, tok = rundir.load_trained_model(run, cfg)
+    conf = json.loads((run / "model/adapter_config.json").read_text())
+    base = load_base_model(conf["base_model_name_or_path"])
+    plain = PeftModel.from_pretrained(base, str(run / "model")).eval()
+    ids = tok("Review: a truly great film", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
+        base_logits = load_base_model(conf["base_model_name_or_path"])(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, base_logits, atol=1e-4), "the adapter changed the model"
+
+
+def test_early_stopping_restores_the_best_weights(run_config):
+    cfg = validate_config(
+        run_config(
+            train={
+                "max_steps": 40,
+                "lr": 0.5,
+                "eval_every": 2,
+                "early_stopping": {"metric": "sst2/accuracy", "patience": 2},
+            }
+        )
+    )
+    train(cfg)
+    lines = [json.loads(x) for x in (rundir.Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r["split"] == "dev" and r.get("task") == "sst2"]
+    last_step = max(r["step"] for r in lines)
+    assert last_step < 40, "stopped early"
+    best = max(r["accuracy"] for r in evals)
+    final = json.loads((rundir.Path(cfg.output) / "results.json").read_text())["fine_tuned"]["tasks"]["sst2"]
+    assert final["accuracy"] == pytest.approx(best)
