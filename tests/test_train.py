@@ -47,6 +47,10 @@ def test_training_reduces_loss_and_writes_the_run(run_config):
     assert set(results["fine_tuned"]["tasks"]) == {"sst2", "rte"}
     assert results["fine_tuned"]["tasks"]["sst2"]["n"] == 16
     assert "| sst2 | accuracy |" in (run / "results.md").read_text()
+    # truncation is counted per task: recount with the encoder
+    enc = rundir.make_encoder(cfg, load_tokenizer(cfg.model))
+    rte_rows = rundir.load_examples(cfg, "train")["rte"]
+    assert results["train"]["truncated_rows"]["rte"] == sum(enc.encode(ex).truncated for ex in rte_rows) > 0
     assert list((run / "tb").iterdir()), "TensorBoard events are written"
 
 

@@ -180,7 +180,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
             _log(log, writer, record, figures)
 
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
-            result = evaluate(model, encoder, cfg, dev_rows)
+            result = evaluate(accelerator.unwrap_model(model), encoder, cfg, dev_rows)
             per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
             _log(log, writer, {"step": step, "split": "dev", "mean": result["mean"]}, per_task)
             stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
