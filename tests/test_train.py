@@ -9,6 +9,7 @@ from conftest import task_squad, write_yaml
 from multitune import run as rundir
 from multitune.cli import main
 from multitune.config import validate_config
+from multitune.errors import MultituneError
 from multitune.data.collate import collate
 from multitune.data.sources import Example
 from multitune.methods import apply_method, count_parameters
@@ -67,7 +68,7 @@ def test_lora_parameter_count_is_exact(tiny_model_dir):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(run_config, tmp_path):
-    common = {"max_steps": 8, "save_every": 2, "log_every": 1, "grad_accum": 2}
+    common = {"max_steps": 8, "save_every": 2, "log_every": 3, "grad_accum": 2}
     full = validate_config(run_config(train=common, output=str(tmp_path / "full")))
     train(full)
     part = validate_config(run_config(train=common, output=str(tmp_path / "part")))
@@ -148,7 +149,9 @@ def test_target_logprobs_ignore_padding(arch, tiny_model_dirs):
 def test_full_and_freeze_methods(run_config, tiny_model_dir):
     model = load_base_model(str(tiny_model_dir))
     _, total = count_parameters(model)
-    cfg = validate_config(run_config(method={"name": "freeze", "last_layers": 1, "modules": [r"^model\.norm\.weight$"]}))
+    cfg = validate_config(
+        run_config(method={"name": "freeze", "last_layers": 1, "modules": [r"^model\.norm\.weight$"]})
+    )
     frozen = apply_method(model, cfg.method)
     names = [n for n, p in frozen.named_parameters() if p.requires_grad]
     assert names and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in names)
@@ -201,3 +204,32 @@ def test_early_stopping_restores_the_best_weights(run_config):
     best = max(r["accuracy"] for r in evals)
     final = json.loads((rundir.Path(cfg.output) / "results.json").read_text())["fine_tuned"]["tasks"]["sst2"]
     assert final["accuracy"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("switch", ["dora", "rslora"])
+def test_lora_variants_reach_peft(switch, run_config):
+    cfg = validate_config(
+        run_config(method={"name": "lora", "rank": 4, "alpha": 8, switch: True, "targets": ["q_proj", "v_proj"]})
+    )
+    model = apply_method(load_base_model(cfg.model), cfg.method)
+    peft_cfg = model.peft_config["default"]
+    assert peft_cfg.use_dora is (switch == "dora") and peft_cfg.use_rslora is (switch == "rslora")
+    assert set(peft_cfg.target_modules) == {"q_proj", "v_proj"}
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = 8 / 4**0.5 if switch == "rslora" else 8 / 4
+    assert layer.scaling["default"] == pytest.approx(expected)
+    results = train(validate_config(run_config(method=cfg.method.model_dump(), train={"max_steps": 2})))
+    assert results["train"]["steps"] == 2
+
+
+def test_unreachable_hub_dataset_is_one_clear_error(run_config, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    raw = run_config()
+    raw["tasks"][0]["data"] = {"hf_dataset": "no-such-user/no-such-dataset", "train": "train"}
+    with pytest.raises(
+        MultituneError, match=r"task 'sst2': could not load dataset 'no-such-user/no-such-dataset' split 'train'"
+    ):
+        train(validate_config(raw))

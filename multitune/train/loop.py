@@ -120,12 +120,15 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     set_seed(cfg.train.seed)
     ckpt_root = run_dir / "checkpoints"
     step = 0
+    task_names = cfg.task_names
+    window = _Window(task_names)
     if resume:
         found = list_checkpoints(ckpt_root)
         if found:
             saved = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
             step = saved.pop("step")
             mixture.load_state_dict(saved.pop("mixture"))
+            window.load_state_dict(saved.pop("window"))
             state.update(saved)
             say(f"[resume] from {found[-1].name}")
         _truncate_log(run_dir / rundir.METRICS, step)
@@ -136,8 +139,6 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     )
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1) if main else None
     log = open(run_dir / rundir.METRICS, "a") if main else None
-    task_names = cfg.task_names
-    window = _Window(task_names)
     bar = tqdm(total=steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     stop = False
     model.train()
@@ -154,7 +155,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
                 row_loss = per_row_mean_nll(logp, rows, batch.input_ids.shape[0])
                 loss = row_loss.mean() / cfg.train.grad_accum
                 accelerator.backward(loss)
-            window.add(batch, row_loss.detach(), rows, task_names)
+            tokens, targets = window.add(batch, row_loss.detach(), rows, task_names)
+            state["tokens"] += tokens
+            state["target_tokens"] += targets
         if cfg.train.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
         optimizer.step()
@@ -162,8 +165,6 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state["seconds"] += time.perf_counter() - t0
-        state["tokens"] += window.last_tokens
-        state["target_tokens"] += window.last_targets
         bar.update(1)
         bar.set_postfix({t: f"{v:.3f}" for t, v in window.running().items()})
 
@@ -194,7 +195,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
                 accelerator.unwrap_model(model),
                 optimizer,
                 scheduler,
-                {**state, "mixture": mixture.state_dict()},
+                {**state, "mixture": mixture.state_dict(), "window": window.state_dict()},
                 cfg.train.keep_checkpoints,
             )
         if stop_after is not None and step >= stop_after:
@@ -242,19 +243,25 @@ class _Window:
         self.counts = {t: 0 for t in tasks}
         self.tokens = {t: 0 for t in tasks}
         self.ema: dict[str, float] = {}
-        self.last_tokens = self.last_targets = 0
 
-    def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor, names: list[str]) -> None:
+    def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor, names: list[str]) -> tuple[int, int]:
+        """Record one micro-batch; returns its (non-pad tokens, target tokens)."""
         tids = batch.task_ids.tolist()
         row_tokens = batch.attention_mask.sum(-1).tolist()
-        self.last_tokens = int(sum(row_tokens))
-        self.last_targets = int(rows.numel())
         for tid, loss, n in zip(tids, row_loss.tolist(), row_tokens, strict=True):
             t = names[tid]
             self.sums[t] += loss
             self.counts[t] += 1
             self.tokens[t] += n
             self.ema[t] = loss if t not in self.ema else 0.9 * self.ema[t] + 0.1 * loss
+        return int(sum(row_tokens)), int(rows.numel())
+
+    def state_dict(self) -> dict:
+        """Sums since the last log line: a resumed run's next log line covers the same steps."""
+        return {"sums": self.sums, "counts": self.counts, "tokens": self.tokens, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.counts, self.tokens, self.ema = state["sums"], state["counts"], state["tokens"], state["ema"]
 
     def running(self) -> dict[str, float]:
         return dict(self.ema)
