@@ -31,15 +31,21 @@ def evaluate_run(
     overrides: list[str] | None = None,
     base: bool = False,
     split: str | None = None,
+    tasks_from: str | Path | None = None,
+    task_fallback: str | None = None,
 ) -> str:
     """Evaluate a run's model (or the base model) and return the markdown table.
 
     For a run dir, the result is stored in its results.json (`fine_tuned`, or `zero_shot` with
-    base=True) so that the table keeps both columns.
+    base=True) so that the table keeps both columns. `tasks_from`: evaluate on the tasks of
+    another run YAML instead (then nothing is stored); tasks a task-gated model was not trained
+    on need `task_fallback` ("common": its common experts only).
     """
     cfg, run_dir = _config_for(target, overrides or [])
     if split is not None:
         cfg.eval.split = split
+    if tasks_from is not None:
+        cfg.tasks = load_config(tasks_from).tasks
     if run_dir is None and not base:
         base = True  # a YAML file has no trained model: evaluate its base model
     rows = rundir.load_examples(cfg, cfg.eval.split)
@@ -47,20 +53,44 @@ def evaluate_run(
         model, tokenizer = rundir.load_base(cfg)
     else:
         model, tokenizer = rundir.load_trained_model(run_dir, cfg)
-    result = evaluate(model, rundir.make_encoder(cfg, tokenizer), cfg, rows)
+    gate_ids = _gate_ids(model, cfg.task_names, task_fallback)
+    result = evaluate(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, gate_ids=gate_ids)
     key = "zero_shot" if base else "fine_tuned"
-    if run_dir is not None and split in (None, rundir.load_run_config(run_dir).eval.split):
+    if run_dir is not None and tasks_from is None and split in (None, rundir.load_run_config(run_dir).eval.split):
         results = rundir.read_results(run_dir)
         results[key] = result
         return rundir.write_results(run_dir, results, cfg)
     return rundir.results_table({key: result}, cfg)
 
 
-def predict_rows(run_dir: Path, task_name: str, rows: Iterable[str], source: str, base: bool = False) -> Iterator[dict]:
-    """Yield each input row with its prediction added, in input order."""
+def _gate_ids(model, names: list[str], fallback: str | None) -> dict[str, int] | None:
+    """Task name -> gate row of a task-gated model (None for other models: ids do not matter)."""
+    from multitune.methods.experts.config import ExpertsConfig
+
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if not isinstance(peft_config, ExpertsConfig):
+        return None
+    from multitune.methods.experts import task_id
+
+    return {name: task_id(model, name, fallback) for name in names}
+
+
+def predict_rows(
+    run_dir: Path,
+    task_name: str,
+    rows: Iterable[str],
+    source: str,
+    base: bool = False,
+    tasks_from: str | Path | None = None,
+    task_fallback: str | None = None,
+) -> Iterator[dict]:
+    """Yield each input row with its prediction added, in input order. `tasks_from` /
+    `task_fallback`: as for `evaluate_run`, for a task defined outside the run."""
     import json
 
     cfg = rundir.load_run_config(run_dir)
+    if tasks_from is not None:
+        cfg.tasks = load_config(tasks_from).tasks
     task = cfg.task(task_name)
     examples, originals = [], []
     for lineno, line in enumerate(rows, start=1):
@@ -77,13 +107,86 @@ def predict_rows(run_dir: Path, task_name: str, rows: Iterable[str], source: str
     if not examples:
         raise MultituneError(f"{source}: no input rows")
     model, tokenizer = rundir.load_base(cfg) if base else rundir.load_trained_model(run_dir, cfg)
+    gate_ids = _gate_ids(model, [task.name], task_fallback)
+    encoder = rundir.make_encoder(cfg, tokenizer)
     preds = predict(
         model,
-        rundir.make_encoder(cfg, tokenizer),
+        encoder,
         task,
         examples,
         cfg.eval.batch_size,
         cfg.eval.max_new_tokens,
+        gate_ids[task.name] if gate_ids else None,
     )
     for row, pred in zip(originals, preds, strict=True):
         yield {**row, **pred}
+
+
+def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = None) -> Path:
+    """Write a run's model for serving without multitune.
+
+    peft-lora: an ordinary PEFT LoRA adapter (for task-gated experts: task `task`'s gate folded
+    into B, rank = its common + specific ranks). merged: full safetensors weights with the update
+    merged in (for task-gated experts: task `task`'s).
+    """
+    import shutil
+
+    from multitune.config import EXPERT_METHODS
+
+    cfg = rundir.load_run_config(run_dir)
+    method = cfg.method.name
+    if method in EXPERT_METHODS and task is None:
+        raise MultituneError(f"{method} keeps one update per task: pass --task (one of {', '.join(cfg.task_names)})")
+    if task is not None and method in EXPERT_METHODS:
+        cfg.task(task)  # unknown task: clear error
+    out = Path(out) if out is not None else Path(run_dir) / "export" / f"{task or method}-{fmt}"
+    if out.exists() and any(out.iterdir()):
+        raise MultituneError(f"export target {out} is not empty")
+    model, tokenizer = rundir.load_trained_model(run_dir, cfg)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if fmt == "peft-lora":
+        if method in EXPERT_METHODS:
+            from multitune.methods.experts import export_task_lora
+
+            export_task_lora(model, task, tmp)
+        elif method == "lora":
+            model.save_pretrained(str(tmp))
+            rundir.point_adapter_at_base(tmp, cfg)
+        else:
+            raise MultituneError(f"a '{method}' run has no adapter to export: use --format merged")
+    elif fmt == "merged":
+        if method in EXPERT_METHODS:
+            from multitune.methods.experts import merge_task
+
+            merged = merge_task(model, task)
+        elif method == "lora":
+            merged = model.merge_and_unload()
+        else:
+            merged = model
+        merged.save_pretrained(str(tmp))
+    else:
+        raise MultituneError(f"unknown export format '{fmt}': use peft-lora or merged")
+    tokenizer.save_pretrained(str(tmp))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def gates_run(run_dir: Path) -> tuple[str, Path]:
+    """The gate weights of each task over the experts: a markdown table and a heatmap PNG."""
+    from multitune.config import EXPERT_METHODS
+
+    cfg = rundir.load_run_config(run_dir)
+    if cfg.method.name not in EXPERT_METHODS:
+        raise MultituneError(f"a '{cfg.method.name}' run has no gates (only {', '.join(EXPERT_METHODS)} do)")
+    from multitune.methods.experts import expert_names, gate_table, plot_gates
+
+    model, _ = rundir.load_trained_model(run_dir, cfg)
+    table = gate_table(model)
+    names = expert_names(model)
+    png = plot_gates(table, Path(run_dir) / "gates.png", names)
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task, weights in table.items():
+        lines.append(f"| {task} | " + " | ".join(f"{w:.3f}" for w in weights) + " |")
+    return "\n".join(lines), png

@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.max_examples=100")
     p.add_argument("--model", choices=["trained", "base"], default="trained")
     p.add_argument("--split", choices=["dev", "test"], help="default: the config's eval.split")
+    p.add_argument("--tasks", dest="tasks_from", help="evaluate on the tasks of this run YAML instead")
+    p.add_argument("--task-fallback", choices=["common"], help="gate for tasks a task-gated model was not trained on")
 
     p = sub.add_parser("predict", help="JSONL rows in, the same rows with a 'prediction' out")
     p.add_argument("run", help="run dir")
@@ -31,6 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="JSONL file (default: standard input)")
     p.add_argument("--output", help="JSONL file (default: standard output)")
     p.add_argument("--model", choices=["trained", "base"], default="trained")
+    p.add_argument("--tasks", dest="tasks_from", help="take the task definition from this run YAML")
+    p.add_argument("--task-fallback", choices=["common"], help="gate for a task a task-gated model was not trained on")
+
+    p = sub.add_parser("export", help="write a run's model for serving without multitune")
+    p.add_argument("run", help="run dir")
+    p.add_argument("--task", help="the task whose update to export (task-gated methods)")
+    p.add_argument("--format", choices=["peft-lora", "merged"], default="peft-lora")
+    p.add_argument("--out", help="target dir (default: RUN/export/<task>-<format>)")
+
+    p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
+    p.add_argument("run", help="run dir")
 
     args = parser.parse_args(argv)
     from multitune.errors import MultituneError
@@ -41,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "gates":
+            return _gates(args)
         return _predict(args)
     except MultituneError as e:
         print(f"multitune: error: {e}", file=sys.stderr)
@@ -75,7 +92,14 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from multitune.api import evaluate_run
 
-    table = evaluate_run(args.target, args.overrides, base=args.model == "base", split=args.split)
+    table = evaluate_run(
+        args.target,
+        args.overrides,
+        base=args.model == "base",
+        split=args.split,
+        tasks_from=args.tasks_from,
+        task_fallback=args.task_fallback,
+    )
     print(table)
     return 0
 
@@ -87,13 +111,39 @@ def _predict(args) -> int:
     name = args.input or "<stdin>"
     sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for row in predict_rows(Path(args.run), args.task, source, name, base=args.model == "base"):
+        rows = predict_rows(
+            Path(args.run),
+            args.task,
+            source,
+            name,
+            base=args.model == "base",
+            tasks_from=args.tasks_from,
+            task_fallback=args.task_fallback,
+        )
+        for row in rows:
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if args.input:
             source.close()
         if args.output:
             sink.close()
+    return 0
+
+
+def _export(args) -> int:
+    from multitune.api import export_run
+
+    out = export_run(Path(args.run), args.task, args.format, Path(args.out) if args.out else None)
+    print(f"exported {args.format} to {out}")
+    return 0
+
+
+def _gates(args) -> int:
+    from multitune.api import gates_run
+
+    table, png = gates_run(Path(args.run))
+    print(table)
+    print(f"heatmap: {png}")
     return 0
 
 

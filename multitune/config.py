@@ -107,7 +107,36 @@ class FreezeMethod(Strict):
         return self
 
 
-MethodConfig = Annotated[LoraMethod | FullMethod | FreezeMethod, Field(discriminator="name")]
+class MoeLoraMethod(Strict):
+    """MOELoRA: `experts` LoRA experts share the rank budget; a task-motivated gate mixes them."""
+
+    name: Literal["moe_lora"]
+    rank: int = Field(16, ge=1, description="total rank budget, as a plain LoRA of this rank")
+    alpha: float = 32.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: str | list[str] = "all-linear"
+    experts: int = Field(4, ge=1)
+    gate: Literal["shared", "per_layer"] = "shared"
+
+
+class CgcLoraMethod(Strict):
+    """CGC-LoRA: per cluster of tasks, common experts; per task, its own experts; the gate of a
+    task mixes its cluster's common experts and its own experts only."""
+
+    name: Literal["cgc_lora"]
+    rank: int = Field(16, ge=1, description="total rank budget, as a plain LoRA of this rank")
+    alpha: float = 32.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: str | list[str] = "all-linear"
+    common_experts: int = Field(2, ge=1)
+    task_experts: int = Field(1, ge=0)
+    gate: Literal["shared", "per_layer"] = "shared"
+
+
+MethodConfig = Annotated[
+    LoraMethod | FullMethod | FreezeMethod | MoeLoraMethod | CgcLoraMethod, Field(discriminator="name")
+]
+EXPERT_METHODS = ("moe_lora", "cgc_lora")
 
 
 class MixingConfig(Strict):
@@ -305,7 +334,13 @@ def describe_validation_error(e: ValidationError, raw: dict[str, Any]) -> str:
     return "; ".join(msgs)
 
 
-_METHODS = {"lora": LoraMethod, "full": FullMethod, "freeze": FreezeMethod}
+_METHODS = {
+    "lora": LoraMethod,
+    "full": FullMethod,
+    "freeze": FreezeMethod,
+    "moe_lora": MoeLoraMethod,
+    "cgc_lora": CgcLoraMethod,
+}
 
 
 def _readable_loc(loc: tuple, raw: dict[str, Any]) -> str:

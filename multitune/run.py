@@ -21,6 +21,7 @@ from multitune.config import RunConfig, dump_config, load_config
 from multitune.data.encode import Encoder
 from multitune.data.sources import Example, load_split
 from multitune.errors import MultituneError
+from multitune.methods import saves_adapter
 from multitune.models.base import load_base_model, load_tokenizer, resolve_model_dir
 from multitune.tasks.spec import primary_metric
 
@@ -82,8 +83,10 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
     if not model_dir.is_dir():
         raise MultituneError(f"{run_dir} has no trained model yet ({MODEL}/ is missing)")
     tokenizer = load_tokenizer(str(model_dir))
-    if cfg.method.name == "lora":
+    if saves_adapter(cfg.method.name):
         from peft import PeftModel
+
+        import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
 
         base = load_base_model(cfg.model, cfg.cache_dir)
         model = PeftModel.from_pretrained(base, str(model_dir))
@@ -102,15 +105,9 @@ def save_trained_model(model: torch.nn.Module, tokenizer, run_dir: Path, cfg: Ru
     final = run_dir / MODEL
     tmp = run_dir / f".{MODEL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method.name == "lora":
-        model.save_pretrained(str(tmp))
-        # point the adapter at the resolved local base so plain PEFT can load it offline
-        conf_path = tmp / "adapter_config.json"
-        conf = json.loads(conf_path.read_text())
-        conf["base_model_name_or_path"] = resolve_model_dir(cfg.model, cfg.cache_dir)
-        conf_path.write_text(json.dumps(conf, indent=2))
-    else:
-        model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp))
+    if saves_adapter(cfg.method.name):
+        point_adapter_at_base(tmp, cfg)
     tokenizer.save_pretrained(str(tmp))
     old = run_dir / f".{MODEL}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -118,6 +115,14 @@ def save_trained_model(model: torch.nn.Module, tokenizer, run_dir: Path, cfg: Ru
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def point_adapter_at_base(adapter_dir: Path, cfg: RunConfig) -> None:
+    """Name the resolved local base model in adapter_config.json, so plain PEFT loads it offline."""
+    conf_path = Path(adapter_dir) / "adapter_config.json"
+    conf = json.loads(conf_path.read_text())
+    conf["base_model_name_or_path"] = resolve_model_dir(cfg.model, cfg.cache_dir)
+    conf_path.write_text(json.dumps(conf, indent=2))
 
 
 def write_atomic(path: Path, text: str) -> None:

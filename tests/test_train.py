@@ -9,9 +9,9 @@ from conftest import task_squad, write_yaml
 from multitune import run as rundir
 from multitune.cli import main
 from multitune.config import validate_config
-from multitune.errors import MultituneError
 from multitune.data.collate import collate
 from multitune.data.sources import Example
+from multitune.errors import MultituneError
 from multitune.methods import apply_method, count_parameters
 from multitune.models.base import load_base_model, load_tokenizer
 from multitune.models.forward import per_row_mean_nll, target_logprobs

@@ -17,6 +17,7 @@ from multitune.config import RunConfig, TaskConfig
 from multitune.data.collate import collate
 from multitune.data.encode import IGNORE, Encoded, Encoder
 from multitune.data.sources import Example
+from multitune.methods.task_context import task_context
 from multitune.models.forward import target_logprobs
 from multitune.tasks import metrics
 from multitune.tasks.spec import higher_is_better, primary_metric
@@ -30,17 +31,25 @@ def predict(
     examples: list[Example],
     batch_size: int = 16,
     max_new_tokens: int = 48,
+    task_id: int | None = None,
 ) -> list[dict]:
     """One dict per example: {"prediction": ...} (+ "scores" per label for classification,
-    "nll"/"tokens" for text)."""
+    "nll"/"tokens" for text).
+
+    `task_id`: the id task-gated layers see (default: the task's own; a fallback id for a task
+    the model was not trained on).
+    """
     was_training = model.training
     model.eval()
+    tid = encoder.task_ids[task.name] if task_id is None else task_id
+    # one id for the whole call: every row is of this task, and layers repeat it to the batch size
     try:
-        if task.kind == "classification":
-            return _classify(model, encoder, task, examples, batch_size)
-        if task.kind == "text":
-            return _text_nll(model, encoder, examples, batch_size)
-        return _generate(model, encoder, examples, batch_size, max_new_tokens)
+        with task_context(torch.tensor([tid])):
+            if task.kind == "classification":
+                return _classify(model, encoder, task, examples, batch_size)
+            if task.kind == "text":
+                return _text_nll(model, encoder, examples, batch_size)
+            return _generate(model, encoder, examples, batch_size, max_new_tokens)
     finally:
         model.train(was_training)
 
@@ -160,14 +169,19 @@ def evaluate(
     cfg: RunConfig,
     examples: dict[str, list[Example]],
     batch_size: int | None = None,
+    gate_ids: dict[str, int] | None = None,
 ) -> dict:
-    """{"tasks": {task: {metric: value, ..., "n": rows}}, "mean": mean primary metric}."""
+    """{"tasks": {task: {metric: value, ..., "n": rows}}, "mean": mean primary metric}.
+
+    `gate_ids`: task name -> id seen by task-gated layers, when it differs from the run's order
+    (tasks of another config, unknown tasks mapped to a fallback gate)."""
     out: dict = {"tasks": {}}
     for task in cfg.tasks:
         rows = examples.get(task.name) or []
         if not rows:
             continue
-        preds = predict(model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        tid = gate_ids.get(task.name) if gate_ids else None
+        preds = predict(model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens, tid)
         out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
     out["mean"] = mean_primary(cfg, out["tasks"])
     return out

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from multitune.config import FreezeMethod, FullMethod, LoraMethod
+from multitune.config import EXPERT_METHODS, FreezeMethod, FullMethod, LoraMethod, TaskConfig
 
 
-def apply_method(model: torch.nn.Module, cfg) -> torch.nn.Module:
+def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> torch.nn.Module:
+    """`tasks` (in run order: task i has id i) matter only to task-gated methods."""
     if isinstance(cfg, LoraMethod):
         from multitune.methods.lora.model import apply_lora
 
         return apply_lora(model, cfg)
+    if cfg.name in EXPERT_METHODS:
+        from multitune.methods.experts import apply_experts
+
+        options = cfg.model_dump(exclude={"name"})
+        clusters = {t.name: t.cluster for t in tasks if t.cluster is not None}
+        return apply_experts(model, cfg.name, [t.name for t in tasks], clusters or None, **options)
     from multitune.methods.finetune import apply_freeze, apply_full
 
     if isinstance(cfg, FullMethod):
@@ -19,6 +26,11 @@ def apply_method(model: torch.nn.Module, cfg) -> torch.nn.Module:
     if isinstance(cfg, FreezeMethod):
         return apply_freeze(model, cfg)
     raise TypeError(f"unknown method config {type(cfg).__name__}")
+
+
+def saves_adapter(method_name: str) -> bool:
+    """True when the run saves a PEFT adapter (loaded onto the base) rather than full weights."""
+    return method_name == "lora" or method_name in EXPERT_METHODS
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from multitune.data.mixing import TaskMixture
 from multitune.errors import MultituneError
 from multitune.evaluate.runner import evaluate, lookup
 from multitune.methods import apply_method, count_parameters
+from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs
 from multitune.tasks.spec import higher_is_better
 from multitune.train.checkpoint import (
@@ -47,7 +48,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     """
     if cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
         raise MultituneError(
-            f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU (on CPU bf16/fp16 are emulated, ~300x slower)"
+            f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU "
+            "(on CPU bf16/fp16 are emulated, ~300x slower)"
         )
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
@@ -81,7 +83,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
             rundir.write_results(run_dir, results, cfg)
 
     set_seed(cfg.train.seed)  # new weights (LoRA's A) start the same in every run of this seed
-    model = apply_method(model, cfg.method)
+    model = apply_method(model, cfg.method, cfg.tasks)
     trainable, total = count_parameters(model)
     say(
         f"[model] {cfg.model} + {cfg.method.name}: trainable {trainable:,} of {total:,} parameters "
@@ -150,7 +152,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
             pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
             batch = collate([encoded[t][i] for t, i in pairs], tokenizer.pad_token_id).to(accelerator.device)
             sync = micro == cfg.train.grad_accum - 1
-            with accelerator.no_sync(model) if not sync else nullcontext():
+            # the task context stays open through the backward: checkpointed layers recompute there
+            with accelerator.no_sync(model) if not sync else nullcontext(), task_context(batch.task_ids):
                 logp, rows = target_logprobs(model, batch)
                 row_loss = per_row_mean_nll(logp, rows, batch.input_ids.shape[0])
                 loss = row_loss.mean() / cfg.train.grad_accum
