@@ -169,6 +169,7 @@ class TrainConfig(Strict):
     early_stopping: EarlyStoppingConfig | None = None
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     threads: int | None = Field(None, ge=1)
 
 

@@ -233,3 +233,19 @@ def test_unreachable_hub_dataset_is_one_clear_error(run_config, monkeypatch):
         MultituneError, match=r"task 'sst2': could not load dataset 'no-such-user/no-such-dataset' split 'train'"
     ):
         train(validate_config(raw))
+
+
+@pytest.mark.parametrize(
+    "method", [{"name": "lora", "rank": 4, "dropout": 0.0}, {"name": "cgc_lora", "rank": 4, "dropout": 0.0}]
+)
+def test_gradient_checkpointing_gives_the_same_losses(method, run_config, tmp_path):
+    plain = run_config(method=method, train={"max_steps": 3, "lr": 1e-2}, output=str(tmp_path / "a"))
+    ckpt = run_config(
+        method=method, train={"max_steps": 3, "lr": 1e-2, "gradient_checkpointing": True}, output=str(tmp_path / "b")
+    )
+    train(validate_config(plain))
+    train(validate_config(ckpt))
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == len(b) > 0
+    for (_, _, x), (_, _, y) in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-5)

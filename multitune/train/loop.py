@@ -82,6 +82,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
         if main:
             rundir.write_results(run_dir, results, cfg)
 
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(cfg.train.seed)  # new weights (LoRA's A) start the same in every run of this seed
     model = apply_method(model, cfg.method, cfg.tasks)
     trainable, total = count_parameters(model)
