@@ -107,7 +107,10 @@ def main() -> None:
     for label, method in [
         ("lora (multi-task)", {"name": "lora", "rank": args.rank}),
         ("moe_lora, 4 experts", {"name": "moe_lora", "rank": args.rank, "experts": 4}),
-        ("cgc_lora, 2 common + 1 per task", {"name": "cgc_lora", "rank": args.rank, "common_experts": 2, "task_experts": 1}),
+        (
+            "cgc_lora, 2 common + 1 per task",
+            {"name": "cgc_lora", "rank": args.rank, "common_experts": 2, "task_experts": 1},
+        ),
     ]:
         res = run(method["name"] + "-multitask", method, tasks, args.steps, args)
         rows[label] = {t: res["fine_tuned"]["tasks"][t]["accuracy"] for t in names}

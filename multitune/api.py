@@ -64,10 +64,17 @@ def evaluate_run(
 
 
 def _gate_ids(model, names: list[str], fallback: str | None) -> dict[str, int] | None:
-    """Task name -> gate row of a task-gated model (None for other models: ids do not matter)."""
+    """Task name -> id seen by task-dependent layers (None for other models: ids do not matter)."""
+    from multitune.methods.adapter import AdapterConfig
     from multitune.methods.experts.config import ExpertsConfig
 
     peft_config = getattr(model, "peft_config", {}).get("default")
+    if isinstance(peft_config, AdapterConfig) and peft_config.per_task != "none":
+        known = list(peft_config.task_names)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise MultituneError(f"unknown task '{unknown[0]}'; the model knows: {', '.join(known)}")
+        return {n: known.index(n) for n in names}
     if not isinstance(peft_config, ExpertsConfig):
         return None
     from multitune.methods.experts import task_id
@@ -139,13 +146,28 @@ def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = Non
         raise MultituneError(f"{method} keeps one update per task: pass --task (one of {', '.join(cfg.task_names)})")
     if task is not None and method in EXPERT_METHODS:
         cfg.task(task)  # unknown task: clear error
+    if method == "adapter" and fmt != "merged":
+        raise MultituneError(
+            f"an adapter run has no LoRA to export: its PEFT adapter is {Path(run_dir) / rundir.MODEL} "
+            "(load it with multitune imported)"
+        )
     out = Path(out) if out is not None else Path(run_dir) / "export" / f"{task or method}-{fmt}"
     if out.exists() and any(out.iterdir()):
         raise MultituneError(f"export target {out} is not empty")
     model, tokenizer = rundir.load_trained_model(run_dir, cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if fmt == "peft-lora":
+    if method == "adapter":
+        from multitune.methods.adapter import MERGE_ERROR
+
+        # the closest thing to merged weights: the base model and the adapter side by side
+        print(f"note: {MERGE_ERROR}; writing the base model and the adapter instead")
+        model.save_pretrained(str(tmp / "adapter"))
+        rundir.point_adapter_at_base(tmp / "adapter", cfg)
+        base, _ = rundir.load_base(cfg)
+        base.save_pretrained(str(tmp / "base"))
+        tokenizer.save_pretrained(str(tmp / "base"))
+    elif fmt == "peft-lora":
         if method in EXPERT_METHODS:
             from multitune.methods.experts import export_task_lora
 

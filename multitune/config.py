@@ -133,8 +133,22 @@ class CgcLoraMethod(Strict):
     gate: Literal["shared", "per_layer"] = "shared"
 
 
+class AdapterMethod(Strict):
+    """Bottleneck adapters: h <- h + up(act(down(h))) after the MLP (pfeiffer), after attention and MLP
+    (houlsby), or beside the MLP (parallel); optionally one adapter per task or per cluster."""
+
+    name: Literal["adapter"]
+    style: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"
+    reduction_factor: int = Field(16, ge=1, description="bottleneck width = hidden size // reduction_factor")
+    bottleneck: int | None = Field(None, ge=1, description="bottleneck width; overrides reduction_factor")
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    per_task: Literal["none", "task", "cluster"] = "none"
+
+
 MethodConfig = Annotated[
-    LoraMethod | FullMethod | FreezeMethod | MoeLoraMethod | CgcLoraMethod, Field(discriminator="name")
+    LoraMethod | FullMethod | FreezeMethod | MoeLoraMethod | CgcLoraMethod | AdapterMethod,
+    Field(discriminator="name"),
 ]
 EXPERT_METHODS = ("moe_lora", "cgc_lora")
 
@@ -341,6 +355,7 @@ _METHODS = {
     "freeze": FreezeMethod,
     "moe_lora": MoeLoraMethod,
     "cgc_lora": CgcLoraMethod,
+    "adapter": AdapterMethod,
 }
 
 

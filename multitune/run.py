@@ -86,6 +86,7 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
     if saves_adapter(cfg.method.name):
         from peft import PeftModel
 
+        import multitune.methods.adapter  # noqa: F401  (registers adapter with PEFT)
         import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
 
         base = load_base_model(cfg.model, cfg.cache_dir)

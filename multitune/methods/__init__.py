@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from multitune.config import EXPERT_METHODS, FreezeMethod, FullMethod, LoraMethod, TaskConfig
+from multitune.config import EXPERT_METHODS, AdapterMethod, FreezeMethod, FullMethod, LoraMethod, TaskConfig
 
 
 def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> torch.nn.Module:
@@ -19,6 +19,12 @@ def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> t
         options = cfg.model_dump(exclude={"name"})
         clusters = {t.name: t.cluster for t in tasks if t.cluster is not None}
         return apply_experts(model, cfg.name, [t.name for t in tasks], clusters or None, **options)
+    if isinstance(cfg, AdapterMethod):
+        from multitune.methods.adapter import apply_adapter
+
+        options = cfg.model_dump(exclude={"name"})
+        clusters = {t.name: t.cluster for t in tasks if t.cluster is not None}
+        return apply_adapter(model, [t.name for t in tasks], clusters or None, **options)
     from multitune.methods.finetune import apply_freeze, apply_full
 
     if isinstance(cfg, FullMethod):
@@ -30,7 +36,7 @@ def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> t
 
 def saves_adapter(method_name: str) -> bool:
     """True when the run saves a PEFT adapter (loaded onto the base) rather than full weights."""
-    return method_name == "lora" or method_name in EXPERT_METHODS
+    return method_name in ("lora", "adapter") or method_name in EXPERT_METHODS
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
