@@ -106,6 +106,10 @@ def build(base: nn.Module, method: str, experts: int, rank: int, alpha: float) -
         return apply_experts(model, "cgc_lora", tasks, None, say=None, common_experts=experts, task_experts=1, **common)
     if method == "loop":
         return apply_loop(model, experts, rank, alpha)
+    if method.startswith("adapter_"):  # bottleneck adapters (reduction factor 16), for comparison
+        from multitune.methods.adapter import apply_adapter
+
+        return apply_adapter(model, say=None, style=method.removeprefix("adapter_"))
     raise ValueError(method)
 
 
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {args.model} ({n_params:.1f}M), {device}, {torch.get_num_threads()} threads")
     print(f"batch {args.batch} x {args.length} tokens, rank {args.rank}, median of {repeats} steps after {warmup}")
     print("the variants take turns step by step, so a change in machine load hits them all alike")
-    variants = [("lora", 0)] + [(m, e) for m in ("moe_lora", "cgc_lora", "loop") for e in args.experts]
+    variants = [("lora", 0), ("adapter_pfeiffer", 0), ("adapter_houlsby", 0)]
+    variants += [(m, e) for m in ("moe_lora", "cgc_lora", "loop") for e in args.experts]
     runners = [Runner(build(base, method, experts, args.rank, args.alpha), ids, tasks) for method, experts in variants]
     for _ in range(warmup):
         for runner in runners:
@@ -181,7 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     for (method, experts), runner in zip(variants, runners, strict=True):
         ms = statistics.median(runner.times)
         total = experts + N_TASKS if method == "cgc_lora" else experts
-        label = {"lora": "plain LoRA", "loop": "loop over experts (reference)"}.get(method, method)
+        label = {
+            "lora": "plain LoRA",
+            "loop": "loop over experts (reference)",
+            "adapter_pfeiffer": "bottleneck adapter, pfeiffer (r=16 reduction)",
+            "adapter_houlsby": "bottleneck adapter, houlsby (r=16 reduction)",
+        }.get(method, method)
         print(f"| {label} | {total if total else '-'} | {ms:.1f} | {ms / lora_ms:.2f} |")
 
 
