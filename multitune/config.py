@@ -84,9 +84,10 @@ class LoraMethod(Strict):
     rank: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    targets: str | list[str] = "all-linear"
+    targets: str | list[str] = Field("all-linear", description="all-linear | attention | mlp | module names")
     rslora: bool = False
     dora: bool = False
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns at lr x ratio (paper: 16)")
 
 
 class FullMethod(Strict):

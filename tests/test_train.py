@@ -249,3 +249,41 @@ def test_gradient_checkpointing_gives_the_same_losses(method, run_config, tmp_pa
     assert len(a) == len(b) > 0
     for (_, _, x), (_, _, y) in zip(a, b, strict=True):
         assert x == pytest.approx(y, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_target_presets_pick_blocks_not_names(arch, tiny_model_dirs):
+    from multitune.methods.targets import resolve_targets
+
+    model = load_base_model(str(tiny_model_dirs[arch]))
+    attention, mlp = resolve_targets(model, "attention"), resolve_targets(model, "mlp")
+    if arch == "llama":
+        assert attention == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]
+        assert mlp == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    else:  # GPT-2's c_proj exists in both blocks: the preset keeps them apart
+        assert attention == [f"transformer.h.{i}.attn.{p}" for i in range(2) for p in ("c_attn", "c_proj")]
+        assert mlp == [f"transformer.h.{i}.mlp.{p}" for i in range(2) for p in ("c_fc", "c_proj")]
+    assert resolve_targets(model, "all-linear") == "all-linear"
+    cfg = validate_config(
+        {"tasks": [{"name": "t", "kind": "text", "data": {"train": "x"}}], "method": {"targets": "mlp", "rank": 2}}
+    )
+    peft_model = apply_method(model, cfg.method)
+    lora_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    assert {n.removeprefix("base_model.model.") for n in lora_layers} == set(mlp)
+
+
+def test_lora_plus_puts_b_in_a_faster_group(run_config):
+    from multitune.methods import param_groups
+
+    cfg = validate_config(run_config(method={"name": "lora", "rank": 4, "lora_plus_ratio": 16}))
+    model = apply_method(load_base_model(cfg.model), cfg.method)
+    groups = param_groups(model, cfg.method, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1.6e-2)]
+    assert all("lora_A" in names[id(p)] for p in groups[0]["params"])
+    assert all("lora_B" in names[id(p)] for p in groups[1]["params"]) and len(groups[1]["params"]) == 14
+    assert len(param_groups(model, validate_config(run_config()).method, 1e-3)) == 1
+    assert (
+        train(validate_config(run_config(method=cfg.method.model_dump(), train={"max_steps": 2})))["train"]["steps"]
+        == 2
+    )

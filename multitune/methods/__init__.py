@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from multitune.config import EXPERT_METHODS, AdapterMethod, FreezeMethod, FullMethod, LoraMethod, TaskConfig
+from multitune.methods.targets import resolve_targets
 
 
 def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> torch.nn.Module:
@@ -13,18 +14,18 @@ def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> t
         from multitune.methods.lora.model import apply_lora
 
         return apply_lora(model, cfg)
-    if cfg.name in EXPERT_METHODS:
+    if cfg.name in EXPERT_METHODS or isinstance(cfg, AdapterMethod):
+        names = [t.name for t in tasks]
+        clusters = {t.name: t.cluster for t in tasks if t.cluster is not None} or None
+        options = cfg.model_dump(exclude={"name"})
+        if isinstance(cfg, AdapterMethod):
+            from multitune.methods.adapter import apply_adapter
+
+            return apply_adapter(model, names, clusters, **options)
         from multitune.methods.experts import apply_experts
 
-        options = cfg.model_dump(exclude={"name"})
-        clusters = {t.name: t.cluster for t in tasks if t.cluster is not None}
-        return apply_experts(model, cfg.name, [t.name for t in tasks], clusters or None, **options)
-    if isinstance(cfg, AdapterMethod):
-        from multitune.methods.adapter import apply_adapter
-
-        options = cfg.model_dump(exclude={"name"})
-        clusters = {t.name: t.cluster for t in tasks if t.cluster is not None}
-        return apply_adapter(model, [t.name for t in tasks], clusters or None, **options)
+        options["targets"] = resolve_targets(model, cfg.targets)
+        return apply_experts(model, cfg.name, names, clusters, **options)
     from multitune.methods.finetune import apply_freeze, apply_full
 
     if isinstance(cfg, FullMethod):
@@ -37,6 +38,17 @@ def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> t
 def saves_adapter(method_name: str) -> bool:
     """True when the run saves a PEFT adapter (loaded onto the base) rather than full weights."""
     return method_name in ("lora", "adapter") or method_name in EXPERT_METHODS
+
+
+def param_groups(model: torch.nn.Module, cfg, lr: float) -> list[dict]:
+    """Optimizer groups: one, or with LoRA+ (Hayou et al. 2024) the B matrices at lr x ratio."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = getattr(cfg, "lora_plus_ratio", None)
+    if not ratio:
+        return [{"params": [p for _, p in params], "lr": lr}]
+    b = [p for n, p in params if "lora_B" in n or "lora_embedding_B" in n]
+    rest = [p for n, p in params if not ("lora_B" in n or "lora_embedding_B" in n)]
+    return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * ratio}]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

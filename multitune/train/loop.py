@@ -27,7 +27,7 @@ from multitune.data.collate import collate
 from multitune.data.mixing import TaskMixture
 from multitune.errors import MultituneError
 from multitune.evaluate.runner import evaluate, lookup
-from multitune.methods import apply_method, count_parameters
+from multitune.methods import apply_method, count_parameters, param_groups
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs
 from multitune.tasks.spec import higher_is_better
@@ -98,7 +98,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     total_rows = sum(len(r) for r in encoded.values())
     steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * total_rows / rows_per_step))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.method, cfg.train.lr), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     scheduler = get_scheduler(
         cfg.train.scheduler,
         optimizer,

@@ -6,6 +6,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from multitune.config import LoraMethod
+from multitune.methods.targets import resolve_targets
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraMethod) -> PeftModel:
@@ -14,7 +15,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraMethod) -> PeftModel:
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.targets,
+        target_modules=resolve_targets(model, cfg.targets),
         use_rslora=cfg.rslora,
         use_dora=cfg.dora,
     )
