@@ -157,7 +157,7 @@ class ExpertsConfig(PeftConfig):
         self.layout()  # fail now, before any model is touched
 
     def layout(self) -> ExpertLayout:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} is the shared base: use MoeLoraConfig or CgcLoraConfig")
 
 
 @dataclass
