@@ -6,7 +6,10 @@ turn, as MOELoRA's public code does). A step is forward + backward + AdamW on a 
 random token ids with a mixed-task batch. Prints the median ms/step and the ratio to plain LoRA.
 
     python bench/experts.py --quick                               # tiny random Llama (hidden 512, 4 layers)
-    python bench/experts.py --model smollm2-135m-instruct         # the real bundled model
+    python bench/experts.py --model smollm2-135m-instruct --quick --experts 1 16 --batch 4   # the real model
+
+Every variant holds its own copy of the model and the allocator keeps each one's peak: on a 24 GiB
+machine the real model runs 9 variants at batch 4 (`--experts 1 16 --batch 4`), not all 19.
 
 cgc_lora runs with 4 tasks in one cluster, E common experts and 1 specific expert per task
 (E + 4 experts in all), so its default rank budget is 32: every expert needs rank >= 1.
