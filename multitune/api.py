@@ -7,7 +7,7 @@ from pathlib import Path
 
 from multitune import run as rundir
 from multitune.config import RunConfig, apply_override, load_config, resolve_paths, validate_config
-from multitune.data.sources import row_to_example
+from multitune.data.sources import parse_jsonl, row_to_example
 from multitune.errors import MultituneError
 from multitune.evaluate.runner import evaluate, predict
 
@@ -93,24 +93,13 @@ def predict_rows(
 ) -> Iterator[dict]:
     """Yield each input row with its prediction added, in input order. `tasks_from` /
     `task_fallback`: as for `evaluate_run`, for a task defined outside the run."""
-    import json
-
     cfg = rundir.load_run_config(run_dir)
     if tasks_from is not None:
         cfg.tasks = load_config(tasks_from).tasks
     task = cfg.task(task_name)
-    examples, originals = [], []
-    for lineno, line in enumerate(rows, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MultituneError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise MultituneError(f"{source}:{lineno}: expected a JSON object")
-        examples.append(row_to_example(task, row, f"{source}:{lineno}", need_target=False))
-        originals.append(row)
+    parsed = parse_jsonl(rows, source)
+    examples = [row_to_example(task, row, f"{source}:{lineno}", need_target=False) for lineno, row in parsed]
+    originals = [row for _, row in parsed]
     if not examples:
         raise MultituneError(f"{source}: no input rows")
     model, tokenizer = rundir.load_base(cfg) if base else rundir.load_trained_model(run_dir, cfg)
