@@ -79,12 +79,17 @@ class TaskConfig(Strict):
         return self
 
 
-class LoraMethod(Strict):
-    name: Literal["lora"]
-    rank: int = Field(16, ge=1)
+class LowRankBudget(Strict):
+    """What LoRA and the task-gated experts share: the rank budget and where it goes."""
+
+    rank: int = Field(16, ge=1, description="total rank, as a plain LoRA of this rank")
     alpha: float = 32.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: str | list[str] = Field("all-linear", description="all-linear | attention | mlp | module names")
+
+
+class LoraMethod(LowRankBudget):
+    name: Literal["lora"]
     rslora: bool = False
     dora: bool = False
     lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns at lr x ratio (paper: 16)")
@@ -108,27 +113,19 @@ class FreezeMethod(Strict):
         return self
 
 
-class MoeLoraMethod(Strict):
+class MoeLoraMethod(LowRankBudget):
     """MOELoRA: `experts` LoRA experts share the rank budget; a task-motivated gate mixes them."""
 
     name: Literal["moe_lora"]
-    rank: int = Field(16, ge=1, description="total rank budget, as a plain LoRA of this rank")
-    alpha: float = 32.0
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    targets: str | list[str] = "all-linear"
     experts: int = Field(4, ge=1)
     gate: Literal["shared", "per_layer"] = "shared"
 
 
-class CgcLoraMethod(Strict):
+class CgcLoraMethod(LowRankBudget):
     """CGC-LoRA: per cluster of tasks, common experts; per task, its own experts; the gate of a
     task mixes its cluster's common experts and its own experts only."""
 
     name: Literal["cgc_lora"]
-    rank: int = Field(16, ge=1, description="total rank budget, as a plain LoRA of this rank")
-    alpha: float = 32.0
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    targets: str | list[str] = "all-linear"
     common_experts: int = Field(2, ge=1)
     task_experts: int = Field(1, ge=0)
     gate: Literal["shared", "per_layer"] = "shared"
