@@ -149,42 +149,33 @@ def tiny_model_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
 
 
-def task_sst2(n_train: int = 64, n_eval: int = 16) -> dict:
+def _task_spec(name: str, kind: str, prompt: str, n_train: int, n_eval: int, **extra) -> dict:
+    """A task dict over ../shared/data/<name>, capped to small splits."""
     return {
-        "name": "sst2",
-        "kind": "classification",
-        "data": {"train": str(DATA / "sst2/train.jsonl"), "dev": str(DATA / "sst2/dev.jsonl")},
-        "prompt": "Review: {{ text }}\nSentiment?",
+        "name": name,
+        "kind": kind,
+        "data": {"train": str(DATA / name / "train.jsonl"), "dev": str(DATA / name / "dev.jsonl")},
+        "prompt": prompt,
         "target": "{{ label }}",
-        "labels": ["negative", "positive"],
         "max_train_examples": n_train,
         "max_eval_examples": n_eval,
+        **extra,
     }
+
+
+def task_sst2(n_train: int = 64, n_eval: int = 16) -> dict:
+    labels = ["negative", "positive"]
+    return _task_spec("sst2", "classification", "Review: {{ text }}\nSentiment?", n_train, n_eval, labels=labels)
 
 
 def task_rte(n_train: int = 64, n_eval: int = 16) -> dict:
-    return {
-        "name": "rte",
-        "kind": "classification",
-        "data": {"train": str(DATA / "rte/train.jsonl"), "dev": str(DATA / "rte/dev.jsonl")},
-        "prompt": "{{ premise }}\nHypothesis: {{ hypothesis }}\nEntailed?",
-        "target": "{{ label }}",
-        "labels": ["entailment", "not_entailment"],
-        "max_train_examples": n_train,
-        "max_eval_examples": n_eval,
-    }
+    prompt = "{{ premise }}\nHypothesis: {{ hypothesis }}\nEntailed?"
+    return _task_spec("rte", "classification", prompt, n_train, n_eval, labels=["entailment", "not_entailment"])
 
 
 def task_squad(n_train: int = 32, n_eval: int = 6) -> dict:
-    return {
-        "name": "squad",
-        "kind": "extractive_qa",
-        "data": {"train": str(DATA / "squad/train.jsonl"), "dev": str(DATA / "squad/dev.jsonl")},
-        "prompt": "{{ context }}\nQuestion: {{ question }}",
-        "target": "{{ answer }}",
-        "max_train_examples": n_train,
-        "max_eval_examples": n_eval,
-    }
+    prompt = "{{ context }}\nQuestion: {{ question }}"
+    return _task_spec("squad", "extractive_qa", prompt, n_train, n_eval, target="{{ answer }}")
 
 
 @pytest.fixture
