@@ -163,6 +163,35 @@ class EarlyStoppingConfig(Strict):
     restore_best: bool = True
 
 
+BALANCE_WEIGHTINGS = ("equal", "static", "uncertainty", "dwa", "famo")
+BALANCE_SURGERY = ("pcgrad", "cagrad", "aligned_mtl")
+
+
+class BalanceConfig(Strict):
+    """How per-task losses become one update. `rows` (default): the mean over the batch's rows, so
+    the mixture alone sets each task's share; a loss weighting; or gradient surgery on the per-task
+    gradients (coordinates that only one task reaches, such as task-specific experts, are left as is)."""
+
+    method: Literal["rows", "equal", "static", "uncertainty", "dwa", "famo", "pcgrad", "cagrad", "aligned_mtl"] = "rows"
+    weights: dict[str, float] | None = Field(None, description="static: weight per task")
+    temperature: float = Field(2.0, gt=0, description="dwa: softmax temperature")
+    beta: float = Field(0.9, ge=0, lt=1, description="dwa: smoothing of the step losses")
+    famo_lr: float = Field(0.025, gt=0, description="famo: learning rate of the task logits")
+    famo_decay: float = Field(0.001, ge=0, description="famo: weight decay of the task logits")
+    cagrad_c: float = Field(0.4, ge=0, description="cagrad: radius of the conflict-averse ball")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_only(cls, data: Any) -> Any:
+        return {"method": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _weights_for_static(self) -> BalanceConfig:
+        if (self.method == "static") != (self.weights is not None):
+            raise ValueError("'weights' goes with method 'static' (and static needs them)")
+        return self
+
+
 class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -183,6 +212,12 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     threads: int | None = Field(None, ge=1)
+    packing: bool = Field(True, description="rows of a task end to end in max_length sequences: no padding compute")
+    compile: bool = Field(False, description="torch.compile the model (pays off on long runs on a GPU)")
+    balance: BalanceConfig = Field(default_factory=BalanceConfig)
+    interference_every: int | None = Field(None, ge=1, description="per-task gradient cosines every N steps")
+    affinity_every: int | None = Field(None, ge=1, description="lookahead task affinity (TAG) every N steps")
+    affinity_lr: float | None = Field(None, gt=0, description="lookahead SGD step for affinity (default: train.lr)")
 
 
 class EvalConfig(Strict):
@@ -232,6 +267,11 @@ class RunConfig(Strict):
                 )
             if self.train.eval_every is None:
                 raise ValueError("train.early_stopping needs train.eval_every")
+        weights = self.train.balance.weights
+        if weights is not None and set(weights) != set(names):
+            raise ValueError(
+                f"train.balance.weights must name every task exactly ({', '.join(names)}); got {', '.join(weights)}"
+            )
         return self
 
     def task(self, name: str) -> TaskConfig:

@@ -1,9 +1,20 @@
-"""Pad encoded rows into a batch.
+"""Encoded rows -> a batch: padded (one row per sequence) or packed (several rows per sequence).
 
-Padding goes on the left so that every row's target sits at the right edge of the batch: the
-vocabulary projection is then computed for the last few positions only (`logits_to_keep`),
-which for short classification targets removes most of the LM-head cost, and the same layout
-serves batched generation. Position ids are passed explicitly so padding does not shift them.
+Padded: padding goes on the left so that every row's target sits at the right edge, and the
+same layout serves batched generation. Position ids are passed explicitly so padding does not
+shift them.
+
+Packed: rows of one task are laid end to end in sequences of at most `max_length` tokens
+(first-fit decreasing), position ids restart at 0 for every row, and no attention mask is
+passed: transformers then reads the row boundaries from the position ids and keeps attention
+inside each row (`masking_utils.find_packed_sequence_indices`; flash-attention uses the same
+position ids), so a packed row computes exactly what it computes alone. On mixed multi-task
+data (short classification rows next to long QA rows) padding otherwise costs a large share of
+the compute. Rows of different tasks never share a sequence, so task-gated layers still see
+one task per sequence.
+
+Either way `row_ids` says which row each token belongs to (-1 on padding), so losses are
+computed per row, whatever the layout.
 """
 
 from __future__ import annotations
@@ -17,14 +28,22 @@ from multitune.data.encode import IGNORE, Encoded
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, T), left-padded
-    attention_mask: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T), IGNORE outside targets
-    task_ids: torch.Tensor  # (B,)
+    input_ids: torch.Tensor  # (S, T)
+    attention_mask: torch.Tensor  # (S, T): 1 on real tokens (not passed to the model when packed)
+    position_ids: torch.Tensor  # (S, T)
+    labels: torch.Tensor  # (S, T), IGNORE outside targets
+    task_ids: torch.Tensor  # (S,): the task of each sequence
+    row_ids: torch.Tensor  # (S, T): the row each token belongs to, -1 on padding
+    row_task_ids: torch.Tensor  # (R,): the task of each row
+    packed: bool = False
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.row_task_ids.shape[0])
 
     @property
     def target_span(self) -> int:
@@ -32,8 +51,14 @@ class Batch:
         has = (self.labels != IGNORE).any(dim=0).nonzero()
         return int(self.labels.shape[1] - has.min()) if has.numel() else 1
 
+    def row_tokens(self) -> torch.Tensor:
+        """Real (non-pad) tokens of each row: (R,)."""
+        ids = self.row_ids[self.row_ids >= 0]
+        return torch.bincount(ids, minlength=self.n_rows)
+
 
 def collate(rows: list[Encoded], pad_id: int) -> Batch:
+    """One row per sequence, left-padded to the longest."""
     width = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -45,4 +70,41 @@ def collate(rows: list[Encoded], pad_id: int) -> Batch:
         labels[i, width - n :] = torch.tensor(r.labels)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     task_ids = torch.tensor([r.task_id for r in rows], dtype=torch.long)
-    return Batch(ids, mask, positions, labels, task_ids)
+    row_ids = torch.where(mask.bool(), torch.arange(len(rows))[:, None], -1)
+    return Batch(ids, mask, positions, labels, task_ids, row_ids, task_ids.clone())
+
+
+def pack(rows: list[Encoded], pad_id: int, max_length: int) -> Batch:
+    """Rows of the same task end to end in sequences of at most `max_length` tokens, right-padded."""
+    bins: list[list[int]] = []  # row indices per sequence
+    room: list[int] = []
+    tasks: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i].task_id, -len(rows[i].input_ids), i)):
+        n, task = len(rows[i].input_ids), rows[i].task_id
+        slot = next((b for b in range(len(bins)) if tasks[b] == task and room[b] >= n), None)
+        if slot is None:
+            bins.append([])
+            room.append(max(max_length, n))
+            tasks.append(task)
+            slot = len(bins) - 1
+        bins[slot].append(i)
+        room[slot] -= n
+    width = max(sum(len(rows[i].input_ids) for i in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(bins), width), dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    row_ids = torch.full((len(bins), width), -1, dtype=torch.long)
+    for s, members in enumerate(bins):
+        at = 0
+        for i in members:
+            n = len(rows[i].input_ids)
+            ids[s, at : at + n] = torch.tensor(rows[i].input_ids)
+            labels[s, at : at + n] = torch.tensor(rows[i].labels)
+            positions[s, at : at + n] = torch.arange(n)
+            mask[s, at : at + n] = 1
+            row_ids[s, at : at + n] = i
+            at += n
+        positions[s, at:] = torch.arange(width - at)  # the padding is one more (loss-free) segment
+    row_task_ids = torch.tensor([r.task_id for r in rows], dtype=torch.long)
+    return Batch(ids, mask, positions, labels, torch.tensor(tasks), row_ids, row_task_ids, packed=True)

@@ -72,6 +72,7 @@ def save_checkpoint(
     scheduler,
     trainer_state: dict,
     keep: int,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -84,6 +85,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
+            "modules": {name: m.state_dict() for name, m in (modules or {}).items()},
         },
         tmp / "optimizer.pt",
     )
@@ -106,10 +108,15 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the trainer state (step, sampler...)."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer, scheduler, modules: dict[str, torch.nn.Module] | None = None
+) -> dict:
+    """Restore weights, optimizer, scheduler, RNG and the trainer's own modules (loss balancer);
+    return the trainer state (step, sampler...)."""
     load_trainable(model, path / "trainable.safetensors")
     blob = torch.load(path / "optimizer.pt", weights_only=False)
+    for name, module in (modules or {}).items():
+        module.load_state_dict(blob["modules"][name])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,10 +23,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from multitune import run as rundir
-from multitune.config import RunConfig
-from multitune.data.collate import collate
+from multitune.config import BALANCE_SURGERY, RunConfig
+from multitune.data.collate import collate, pack
 from multitune.data.mixing import TaskMixture
 from multitune.errors import MultituneError
+from multitune.evaluate.interference import (
+    PairAverage,
+    cosine_matrix,
+    gradient_report,
+    lookahead_affinity,
+    plot_matrix,
+)
 from multitune.evaluate.runner import evaluate, lookup
 from multitune.methods import apply_method, count_parameters, param_groups
 from multitune.methods.task_context import task_context
@@ -38,6 +46,8 @@ from multitune.train.checkpoint import (
     save_checkpoint,
     save_weights_atomic,
 )
+from multitune.train.objectives import make_balancer
+from multitune.train.surgery import aligned_mtl, cagrad, pcgrad, per_task_grads
 
 
 def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -98,15 +108,27 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     total_rows = sum(len(r) for r in encoded.values())
     steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * total_rows / rows_per_step))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.method, cfg.train.lr), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    balancer, surgery = _balance(cfg, task_names := cfg.task_names)
+    groups = param_groups(model, cfg.method, cfg.train.lr)
+    if balancer is not None:
+        balancer.to(accelerator.device)
+        if list(balancer.parameters()):  # uncertainty weighting learns its log-variances
+            groups.append({"params": list(balancer.parameters()), "lr": cfg.train.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(
         cfg.train.scheduler,
         optimizer,
         num_warmup_steps=int(cfg.train.warmup_ratio * steps),
         num_training_steps=steps,
     )
+    per_task_gradients = surgery is not None or cfg.train.interference_every or cfg.train.affinity_every
+    if per_task_gradients and n_proc > 1:
+        raise MultituneError(
+            "gradient surgery, interference_every and affinity_every take per-task gradients in one process; "
+            "run them without accelerate launch"
+        )
+    interference = PairAverage(task_names) if cfg.train.interference_every else None
+    affinity = PairAverage(task_names) if cfg.train.affinity_every else None
     model, optimizer = accelerator.prepare(model, optimizer)
     mixture = TaskMixture(
         {t: len(r) for t, r in encoded.items()},
@@ -121,20 +143,25 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
         "bad_evals": 0,
         "tokens": 0,
         "target_tokens": 0,
+        "cells": 0,
         "seconds": 0.0,
     }
     set_seed(cfg.train.seed)
     ckpt_root = run_dir / "checkpoints"
     step = 0
-    task_names = cfg.task_names
     window = _Window(task_names)
+    trackers = {"interference": interference, "affinity": affinity}
+    modules = {"balancer": balancer} if balancer is not None else {}
     if resume:
         found = list_checkpoints(ckpt_root)
         if found:
-            saved = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+            saved = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler, modules)
             step = saved.pop("step")
             mixture.load_state_dict(saved.pop("mixture"))
             window.load_state_dict(saved.pop("window"))
+            for name, tracker in saved.pop("trackers").items():
+                if trackers[name] is not None:
+                    trackers[name].load_state_dict(tracker)
             state.update(saved)
             say(f"[resume] from {found[-1].name}")
         _truncate_log(run_dir / rundir.METRICS, step)
@@ -152,24 +179,50 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     while step < steps and not stop:
         t0 = time.perf_counter()
         grad_norm = None
+        step_loss = torch.zeros(len(task_names))
+        step_seen = torch.zeros(len(task_names))
         for micro in range(cfg.train.grad_accum):
             pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
-            batch = collate([encoded[t][i] for t, i in pairs], tokenizer.pad_token_id).to(accelerator.device)
+            drawn = [encoded[t][i] for t, i in pairs]
+            batch = _batch(drawn, cfg, tokenizer.pad_token_id).to(accelerator.device)
             sync = micro == cfg.train.grad_accum - 1
+            if affinity is not None and micro == 0 and step % cfg.train.affinity_every == 0:
+                z = _measure_affinity(model, drawn, cfg, tokenizer.pad_token_id, params, affinity, accelerator.device)
+                per_pair = {f"{i}>{j}": {"affinity": z[i][j]} for i in z for j in z}
+                _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
             # the task context stays open through the backward: checkpointed layers recompute there
             with accelerator.no_sync(model) if not sync else nullcontext(), task_context(batch.task_ids):
                 logp, rows = target_logprobs(model, batch)
-                row_loss = per_row_mean_nll(logp, rows, batch.input_ids.shape[0])
-                loss = row_loss.mean() / cfg.train.grad_accum
-                accelerator.backward(loss)
+                row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
+                task_loss, present = _task_losses(row_loss, batch.row_task_ids, len(task_names))
+                seen = present.nonzero()[:, 0].tolist()
+                measure = interference is not None and micro == 0 and step % cfg.train.interference_every == 0
+                grads = per_task_grads([task_loss[k] for k in seen], params) if surgery or measure else None
+                if measure:
+                    summary, per_pair = gradient_report(grads, [task_names[k] for k in seen])
+                    interference.add(seen, cosine_matrix(grads))
+                    _log(log, writer, {"step": step + 1, "split": "interference", **summary}, per_pair)
+                if surgery is not None:
+                    _add_grad(params, _surgery_direction(surgery, grads), 1 / (len(task_names) * cfg.train.grad_accum))
+                else:
+                    if balancer is not None:
+                        loss = balancer.combine(task_loss, present) / len(task_names)
+                    else:
+                        loss = row_loss.mean()
+                    accelerator.backward(loss / cfg.train.grad_accum)
+            step_loss += torch.where(present, task_loss.detach(), 0).cpu()
+            step_seen += present.cpu()
             tokens, targets = window.add(batch, row_loss.detach(), rows, task_names)
             state["tokens"] += tokens
             state["target_tokens"] += targets
+            state["cells"] += batch.input_ids.numel()
         if cfg.train.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if balancer is not None:
+            balancer.update(step_loss / step_seen.clamp(min=1), step_seen > 0)
         step += 1
         state["seconds"] += time.perf_counter() - t0
         bar.update(1)
@@ -185,6 +238,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
                 "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9),
                 **figures.pop("_all"),
             }
+            if balancer is not None:
+                for t, w in balancer.weights().items():
+                    figures.setdefault(t, {})["weight"] = w
             _log(log, writer, record, figures)
 
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
@@ -202,8 +258,14 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
                 accelerator.unwrap_model(model),
                 optimizer,
                 scheduler,
-                {**state, "mixture": mixture.state_dict(), "window": window.state_dict()},
+                {
+                    **state,
+                    "mixture": mixture.state_dict(),
+                    "window": window.state_dict(),
+                    "trackers": {k: v.state_dict() for k, v in trackers.items() if v is not None},
+                },
                 cfg.train.keep_checkpoints,
+                modules,
             )
         if stop_after is not None and step >= stop_after:
             bar.close()
@@ -224,6 +286,11 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
 
     say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
     results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
+    for name, tracker in trackers.items():
+        if tracker is not None and tracker.measurements:
+            results[name] = {"tasks": task_names, "matrix": tracker.mean(), "measurements": tracker.measurements}
+            if main:
+                _plot(tracker, run_dir / f"{name}.png", name)
     results["train"] = {
         "steps": step,
         "trainable_parameters": trainable,
@@ -232,6 +299,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
         "seconds": round(state["seconds"], 2),
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "target_tokens_per_s": round(state["target_tokens"] / max(state["seconds"], 1e-9), 1),
+        "rows_per_s": round(step * rows_per_step / max(state["seconds"], 1e-9), 3),
+        "padding_fraction": round(1 - state["tokens"] / max(state["cells"], 1), 4),
+        "balance": cfg.train.balance.method,
     }
     if main:
         table = rundir.write_results(run_dir, results, cfg)
@@ -239,6 +309,87 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
         if writer:
             writer.close()
     return results
+
+
+def _batch(rows, cfg: RunConfig, pad_id: int):
+    return pack(rows, pad_id, cfg.train.max_length) if cfg.train.packing else collate(rows, pad_id)
+
+
+def _task_losses(row_loss: torch.Tensor, row_tasks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each task's mean row loss (K,) and which tasks the batch has (K,) bool."""
+    sums = torch.zeros(k, dtype=row_loss.dtype, device=row_loss.device).index_add(0, row_tasks, row_loss)
+    counts = torch.bincount(row_tasks, minlength=k)
+    return sums / counts.clamp(min=1), counts > 0
+
+
+def _balance(cfg: RunConfig, tasks: list[str]):
+    """(loss balancer or None, surgery function or None) from `train.balance`."""
+    b = cfg.train.balance
+    if b.method == "rows":
+        return None, None
+    if b.method in BALANCE_SURGERY:
+        if b.method == "pcgrad":
+            generator = torch.Generator().manual_seed(cfg.train.seed)
+            return None, partial(pcgrad, generator=generator)
+        return None, partial(cagrad, c=b.cagrad_c) if b.method == "cagrad" else aligned_mtl
+    options = {
+        "static": {"weights": b.weights},
+        "dwa": {"temperature": b.temperature, "beta": b.beta},
+        "famo": {"w_lr": b.famo_lr, "gamma": b.famo_decay},
+    }.get(b.method, {})
+    return make_balancer(b.method, tasks, **options), None
+
+
+def _surgery_direction(surgery, grads: torch.Tensor) -> torch.Tensor:
+    """Surgery on the coordinates that two or more tasks reach; the others (task-specific experts
+    or adapters, parameters one task alone moves) keep their plain sum."""
+    direction = grads.sum(0)
+    shared = (grads != 0).sum(0) > 1
+    if shared.any():
+        direction[shared] = surgery(grads[:, shared])
+    return direction
+
+
+def _add_grad(params: list[torch.nn.Parameter], flat: torch.Tensor, scale: float) -> None:
+    offset = 0
+    for p in params:
+        piece = flat[offset : offset + p.numel()].view_as(p).to(p.dtype) * scale
+        p.grad = piece if p.grad is None else p.grad + piece
+        offset += p.numel()
+
+
+def _measure_affinity(model, rows, cfg: RunConfig, pad_id: int, params, tracker: PairAverage, device) -> dict:
+    """TAG lookahead affinity on this step's rows (dropout off: the losses must be comparable)."""
+    names = cfg.task_names
+    by_task = {}
+    for k in sorted({r.task_id for r in rows}):
+        by_task[names[k]] = _batch([r for r in rows if r.task_id == k], cfg, pad_id).to(device)
+
+    def task_loss(name: str) -> torch.Tensor:
+        batch = by_task[name]
+        with task_context(batch.task_ids):
+            logp, idx = target_logprobs(model, batch)
+            return per_row_mean_nll(logp, idx, batch.n_rows).mean()
+
+    model.eval()
+    try:
+        z = lookahead_affinity(params, task_loss, list(by_task), cfg.train.affinity_lr or cfg.train.lr)
+    finally:
+        model.train()
+    present = [names.index(t) for t in by_task]
+    tracker.add(present, [[z[i][j] for j in by_task] for i in by_task])
+    return z
+
+
+def _plot(tracker: PairAverage, path: Path, name: str) -> None:
+    matrix = [[float("nan") if v is None else v for v in row] for row in tracker.mean()]
+    if name == "interference":
+        title = f"gradient cosine, mean of {tracker.measurements} steps"
+        plot_matrix(matrix, tracker.tasks, path, title)
+    else:
+        span = max([abs(v) for row in matrix for v in row if v == v] + [1e-9])
+        title = f"lookahead affinity (row helps column), {tracker.measurements} steps"
+        plot_matrix(matrix, tracker.tasks, path, title, -span, span)
 
 
 class _Window:
@@ -253,8 +404,8 @@ class _Window:
 
     def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor, names: list[str]) -> tuple[int, int]:
         """Record one micro-batch; returns its (non-pad tokens, target tokens)."""
-        tids = batch.task_ids.tolist()
-        row_tokens = batch.attention_mask.sum(-1).tolist()
+        tids = batch.row_task_ids.tolist()
+        row_tokens = batch.row_tokens().tolist()
         for tid, loss, n in zip(tids, row_loss.tolist(), row_tokens, strict=True):
             t = names[tid]
             self.sums[t] += loss

@@ -1,0 +1,330 @@
+"""Training throughput: multitune against the Trainer + PEFT LoRA loop a user would otherwise write.
+
+On the bundled SmolLM2-135M-Instruct and a fixed mixture of real tasks from ../shared/data (short
+classification rows next to long QA and summarisation rows), every arm trains on the same rows
+(the first `steps x batch` draws of the uniform task mixture) with the same LoRA (rank, alpha,
+targets, dropout), batch size, max length, AdamW learning rate and schedule:
+
+- `hf-trainer`: `transformers.Trainer` + `peft.get_peft_model` + `DataCollatorForSeq2Seq`
+  (pads every batch to its longest row, full logits, the model's own loss);
+- `multitune`: `multitune.train.loop.train` as `multitune train` runs it (rows of a task packed
+  into `max_length` sequences, LM head only at target positions);
+- `multitune-padded`: the same with `train.packing=false` (left padding, LM head at targets), to
+  show what packing contributes; `multitune-ckpt`: packing + gradient checkpointing.
+
+Arms alternate round by round in one process after a warm-up round; the table shows medians.
+Measured per arm: examples/s, target tokens/s, real (non-pad) tokens/s, padding fraction, peak
+RSS while the arm ran, and achieved GFLOP/s of useful work as a share of this machine's fp32
+matmul peak measured at start. Useful work per row of n tokens with t target tokens:
+4 N n (frozen base: forward 2N, input gradients 2N; N = decoder weights) + 6 L d n^2 (causal
+attention, forward and backward) + 4 d V t (LM head where a loss exists); the same rows cost the
+same useful FLOPs in every arm, so the GFLOP/s ratio is the speed ratio.
+
+    python bench/throughput.py --quick     # a few minutes
+    python bench/throughput.py             # the README's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tasks(limit: int) -> list[dict]:
+    def spec(name, kind, prompt, target, **extra):
+        return {
+            "name": name,
+            "kind": kind,
+            "data": {"train": str(DATA / name / "train.jsonl")},
+            "prompt": prompt,
+            "target": target,
+            "max_train_examples": limit,
+            **extra,
+        }
+
+    return [
+        spec(
+            "sst2",
+            "classification",
+            "Review: {{ text }}\nIs the sentiment of this review positive or negative?",
+            "{{ label }}",
+            labels=["negative", "positive"],
+        ),
+        spec(
+            "rte",
+            "classification",
+            "Premise: {{ premise }}\nHypothesis: {{ hypothesis }}\nDoes the premise entail the hypothesis?",
+            "{{ label }}",
+            labels=["entailment", "not_entailment"],
+        ),
+        spec("squad", "extractive_qa", "{{ context }}\nQuestion: {{ question }}", "{{ answer }}"),
+        spec("scitldr", "generation", "{{ document }}\nSummarize in one sentence.", "{{ summary }}"),
+    ]
+
+
+def run_config(args, name: str, **train) -> dict:
+    return {
+        "model": args.model,
+        "method": {"name": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05},
+        "tasks": tasks(args.rows_per_task),
+        "mixing": {"strategy": "uniform"},
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 2e-4,
+            "max_length": args.max_length,
+            "warmup_ratio": 0.0,
+            "log_every": 1000,
+            "seed": 0,
+            "mixed_precision": "bf16" if torch.cuda.is_available() else "no",
+            **train,
+        },
+        "eval": {"zero_shot": False},
+        "output": str(Path(args.tmp) / name),
+    }
+
+
+def drawn_rows(args):
+    """The rows `multitune train` draws for this config, encoded: the baseline trains on the same."""
+    from multitune import run as rundir
+    from multitune.config import validate_config
+    from multitune.data.mixing import TaskMixture
+    from multitune.models.base import load_tokenizer
+
+    cfg = validate_config(run_config(args, "rows"))
+    examples = rundir.load_examples(cfg, "train")
+    tokenizer = load_tokenizer(cfg.model)
+    encoder = rundir.make_encoder(cfg, tokenizer)
+    mixture = TaskMixture({t: len(r) for t, r in examples.items()}, "uniform", seed=cfg.train.seed)
+    pairs = [p for _ in range(args.steps) for p in mixture.next_batch(args.batch)]
+    return [encoder.encode(examples[t][i]) for t, i in pairs], tokenizer
+
+
+class PeakRSS:
+    """Highest resident set size of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def matmul_peak_gflops() -> float:
+    """Best of a few 2048^3 fp32 matmuls (bf16 on a GPU): this machine's matmul peak, measured now."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    a, b = torch.randn(2048, 2048, device=dev, dtype=dtype), torch.randn(2048, 2048, device=dev, dtype=dtype)
+    best = float("inf")
+    for _ in range(8):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4 if dev == "cpu" else 50):
+            a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / (4 if dev == "cpu" else 50))
+    return 2 * 2048**3 / best / 1e9
+
+
+def useful_flops(rows, config) -> float:
+    d, n_layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inter = config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    body = n_layers * (2 * d * d + 2 * d * kv + 3 * d * inter)
+    total = 0.0
+    for r in rows:
+        n, t = len(r.input_ids), sum(x != -100 for x in r.labels)
+        total += 4 * body * n + 6 * n_layers * d * n * n + 4 * d * vocab * t
+    return total
+
+
+def hf_trainer_arm(args, rows, tokenizer) -> dict:
+    """What a user writes: Trainer + PEFT LoRA + the padding collator."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from multitune.models.base import load_base_model
+
+    model = load_base_model(args.model)
+    peft_cfg = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, peft_cfg)
+    data = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.labels} for r in rows]
+    seen = {"cells": 0}
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def collator(features):
+        batch = pad(features)
+        seen["cells"] += batch["input_ids"].numel()
+        return batch
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            self.seconds = time.perf_counter() - self.t0
+
+    clock = Clock()
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.tmp) / "hf"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator, callbacks=[clock])
+    trainer.train()
+    tokens = sum(len(r.input_ids) for r in rows)
+    return {"seconds": clock.seconds, "cells": seen["cells"], "tokens": tokens}
+
+
+def multitune_arm(args, name: str, **train_options) -> dict:
+    from multitune.config import validate_config
+    from multitune.train.loop import train
+
+    results = train(validate_config(run_config(args, name, **train_options)), overwrite=True)["train"]
+    seconds = results["seconds"]
+    tokens = results["tokens_per_s"] * seconds
+    return {"seconds": seconds, "cells": tokens / (1 - results["padding_fraction"]), "tokens": tokens}
+
+
+ARMS = {
+    "hf-trainer": None,
+    "multitune": {},
+    "multitune-padded": {"packing": False},
+    "multitune-ckpt": {"gradient_checkpointing": True},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (a few minutes)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per arm and round")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--rows-per-task", type=int, default=2000)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--json", help="also write the medians here")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 2, 3
+    from transformers import AutoConfig
+
+    from multitune.models.base import resolve_model_dir
+
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        rows, tokenizer = drawn_rows(args)
+        config = AutoConfig.from_pretrained(resolve_model_dir(args.model))
+        flops = useful_flops(rows, config)
+        gc.collect()
+        peak = matmul_peak_gflops()
+        targets = sum(sum(x != -100 for x in r.labels) for r in rows)
+        device = (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+        )
+        print(
+            f"[bench] {args.model} on {device}; matmul peak {peak:.1f} GFLOP/s; {len(rows)} rows/round "
+            f"({sum(len(r.input_ids) for r in rows)} tokens, {targets} target tokens), "
+            f"{args.rounds} rounds after a warm-up",
+            flush=True,
+        )
+        measured: dict[str, list[dict]] = {a: [] for a in args.arms}
+        for round_ in range(args.rounds + 1):
+            for arm in args.arms:
+                gc.collect()
+                with PeakRSS() as rss:
+                    if ARMS[arm] is None:
+                        out = hf_trainer_arm(args, rows, tokenizer)
+                    else:
+                        out = multitune_arm(args, arm, **ARMS[arm])
+                out["rss"] = rss.peak
+                if round_ > 0:
+                    measured[arm].append(out)
+                label = "warm-up" if round_ == 0 else f"round {round_}"
+                print(f"[bench] {label} {arm}: {out['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+    base = statistics.median(m["seconds"] for m in measured[args.arms[0]])
+    header = (
+        "| arm | examples/s | target tok/s | tokens/s | padding | peak RSS | GFLOP/s | % of peak | "
+        f"speed vs {args.arms[0]} |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    summary = {}
+    for arm in args.arms:
+        runs = measured[arm]
+        sec = statistics.median(m["seconds"] for m in runs)
+        cells = statistics.median(m["cells"] for m in runs)
+        tokens = runs[0]["tokens"]
+        rss = max(m["rss"] for m in runs) / 2**30
+        gflops = flops / sec / 1e9
+        summary[arm] = {
+            "seconds": sec,
+            "examples_per_s": len(rows) / sec,
+            "target_tokens_per_s": targets / sec,
+            "tokens_per_s": tokens / sec,
+            "padding_fraction": 1 - tokens / cells,
+            "peak_rss_gib": rss,
+            "gflops": gflops,
+            "peak_fraction": gflops / peak,
+            "speedup": base / sec,
+        }
+        s = summary[arm]
+        lines.append(
+            f"| {arm} | {s['examples_per_s']:.3f} | {s['target_tokens_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
+            f"{100 * s['padding_fraction']:.0f}% | {rss:.2f} GiB | {gflops:.1f} | {100 * s['peak_fraction']:.0f}% | "
+            f"{s['speedup']:.2f}x |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"device": device, "matmul_peak_gflops": peak, "arms": summary}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
