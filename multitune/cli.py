@@ -45,6 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
     p.add_argument("run", help="run dir")
 
+    p = sub.add_parser("affinity", help="lookahead task affinity (TAG) over a short run; proposes task clusters")
+    p.add_argument("config", help="run YAML")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--steps", type=int, default=40, help="training steps to average over (default 40)")
+    p.add_argument("--every", type=int, default=1, help="measure every N steps (default 1)")
+    p.add_argument("--clusters", type=int, default=2, help="number of task clusters to propose (default 2)")
+    p.add_argument("--lookahead-lr", type=float, help="SGD step of the lookahead (default: train.affinity_lr or lr)")
+    p.add_argument("--output", help="run dir of the measuring run (default: <output>-affinity)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+
+    p = sub.add_parser("compare", help="single-task baselines vs the multi-task run: per-task deltas and Δm")
+    p.add_argument("config", help="run YAML of the multi-task run")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.balance=pcgrad output=runs/x-pcgrad")
+    p.add_argument("--singles", help="dir of the single-task runs (default: <output>-single); share it across variants")
+    p.add_argument("--reuse", action="store_true", help="read finished runs instead of training them again")
+    p.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs of runs it trains")
+
     args = parser.parse_args(argv)
     from multitune.errors import MultituneError
 
@@ -58,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "gates":
             return _gates(args)
+        if args.command == "affinity":
+            return _affinity(args)
+        if args.command == "compare":
+            return _compare(args)
         return _predict(args)
     except MultituneError as e:
         print(f"multitune: error: {e}", file=sys.stderr)
@@ -144,6 +165,31 @@ def _gates(args) -> int:
     table, png = gates_run(Path(args.run))
     print(table)
     print(f"heatmap: {png}")
+    return 0
+
+
+def _affinity(args) -> int:
+    from multitune.study import affinity_run
+
+    print(
+        affinity_run(
+            args.config,
+            args.overrides,
+            steps=args.steps,
+            every=args.every,
+            clusters=args.clusters,
+            lookahead_lr=args.lookahead_lr,
+            output=args.output,
+            overwrite=args.overwrite,
+        )
+    )
+    return 0
+
+
+def _compare(args) -> int:
+    from multitune.study import compare_run
+
+    print(compare_run(args.config, args.overrides, singles=args.singles, reuse=args.reuse, overwrite=args.overwrite))
     return 0
 
 

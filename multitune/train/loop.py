@@ -50,11 +50,18 @@ from multitune.train.objectives import make_balancer
 from multitune.train.surgery import aligned_mtl, cagrad, pcgrad, per_task_grads
 
 
-def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(
+    cfg: RunConfig,
+    overwrite: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+    final_eval: bool = True,
+) -> dict:
     """Fine-tune `cfg.model` on the mixture of `cfg.tasks`; returns results.json's content.
 
     `stop_after`: leave after that many optimizer steps (checkpoint saved), as a time-boxed job
-    would; `--resume` continues from there.
+    would; `--resume` continues from there. `final_eval=False`: a measuring run (affinity) that
+    needs no dev metrics.
     """
     if cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
         raise MultituneError(
@@ -284,8 +291,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, stop_af
     if main:
         rundir.save_trained_model(model, tokenizer, run_dir, cfg)
 
-    say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
-    results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
+    if final_eval:
+        say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
+        results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
     for name, tracker in trackers.items():
         if tracker is not None and tracker.measurements:
             results[name] = {"tasks": task_names, "matrix": tracker.mean(), "measurements": tracker.measurements}
