@@ -7,14 +7,14 @@ targets, dropout), batch size, max length, AdamW learning rate and schedule:
 
 - `hf-trainer`: `transformers.Trainer` + `peft.get_peft_model` + `DataCollatorForSeq2Seq`
   (pads every batch to its longest row, full logits, the model's own loss);
-- `multitune`: `multitune.train.loop.train` as `multitune train` runs it (rows of a task packed
-  into `max_length` sequences, LM head only at target positions);
+- `multitune`: `multitune.train.loop.train` as `multitune train` runs it (rows packed into
+  `max_length` sequences, LM head only at target positions);
 - `multitune-padded`: the same with `train.packing=false` (left padding, LM head at targets), to
   show what packing contributes; `multitune-ckpt`: packing + gradient checkpointing.
 
 Arms alternate round by round in one process after a warm-up round; the table shows medians.
 Measured per arm: examples/s, target tokens/s, real (non-pad) tokens/s, padding fraction, peak
-RSS while the arm ran, and achieved GFLOP/s of useful work as a share of this machine's fp32
+RSS of one round of the arm in a fresh process, and achieved GFLOP/s of useful work as a share of this machine's fp32
 matmul peak measured at start. Useful work per row of n tokens with t target tokens:
 4 N n (frozen base: forward 2N, input gradients 2N; N = decoder weights) + 6 L d n^2 (causal
 attention, forward and backward) + 4 d V t (LM head where a loss exists); the same rows cost the
@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -109,30 +110,6 @@ def drawn_rows(args):
     mixture = TaskMixture({t: len(r) for t, r in examples.items()}, "uniform", seed=cfg.train.seed)
     pairs = [p for _ in range(args.steps) for p in mixture.next_batch(args.batch)]
     return [encoder.encode(examples[t][i]) for t, i in pairs], tokenizer
-
-
-class PeakRSS:
-    """Highest resident set size of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def matmul_peak_gflops() -> float:
@@ -222,11 +199,20 @@ def multitune_arm(args, name: str, **train_options) -> dict:
     from multitune.config import validate_config
     from multitune.train.loop import train
 
-    results = train(validate_config(run_config(args, name, **train_options)), overwrite=True)["train"]
+    cfg = validate_config(run_config(args, name, **train_options))
+    results = train(cfg, overwrite=True, final_eval=False)["train"]
     seconds = results["seconds"]
     tokens = results["tokens_per_s"] * seconds
     return {"seconds": seconds, "cells": tokens / (1 - results["padding_fraction"]), "tokens": tokens}
 
+
+def run_arm(args, arm: str, rows, tokenizer) -> dict:
+    if ARMS[arm] is None:
+        return hf_trainer_arm(args, rows, tokenizer)
+    return multitune_arm(args, arm, **ARMS[arm])
+
+
+FORWARDED = ("model", "steps", "batch", "rank", "max_length", "rows_per_task")
 
 ARMS = {
     "hf-trainer": None,
@@ -248,6 +234,7 @@ def main() -> None:
     p.add_argument("--rows-per-task", type=int, default=2000)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--json", help="also write the medians here")
+    p.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)  # one round of one arm, prints peak RSS
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 3
@@ -256,6 +243,14 @@ def main() -> None:
     from multitune.models.base import resolve_model_dir
 
     torch.set_num_threads(torch.get_num_threads())
+    if args.child:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.tmp = tmp
+            rows, tokenizer = drawn_rows(args)
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            run_arm(args, args.child, rows, tokenizer)
+            print(json.dumps({"start_kib": start, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         rows, tokenizer = drawn_rows(args)
@@ -277,16 +272,20 @@ def main() -> None:
         for round_ in range(args.rounds + 1):
             for arm in args.arms:
                 gc.collect()
-                with PeakRSS() as rss:
-                    if ARMS[arm] is None:
-                        out = hf_trainer_arm(args, rows, tokenizer)
-                    else:
-                        out = multitune_arm(args, arm, **ARMS[arm])
-                out["rss"] = rss.peak
+                out = run_arm(args, arm, rows, tokenizer)
                 if round_ > 0:
                     measured[arm].append(out)
                 label = "warm-up" if round_ == 0 else f"round {round_}"
                 print(f"[bench] {label} {arm}: {out['seconds']:.1f} s", file=sys.stderr, flush=True)
+
+    # peak memory: one round of each arm in a fresh process (one process's RSS never shrinks back)
+    rss = {}
+    for arm in args.arms:
+        forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in FORWARDED]
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", arm, *forwarded], capture_output=True, text=True, check=True
+        )
+        rss[arm] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"] / 2**20
 
     base = statistics.median(m["seconds"] for m in measured[args.arms[0]])
     header = (
@@ -300,7 +299,6 @@ def main() -> None:
         sec = statistics.median(m["seconds"] for m in runs)
         cells = statistics.median(m["cells"] for m in runs)
         tokens = runs[0]["tokens"]
-        rss = max(m["rss"] for m in runs) / 2**30
         gflops = flops / sec / 1e9
         summary[arm] = {
             "seconds": sec,
@@ -308,7 +306,7 @@ def main() -> None:
             "target_tokens_per_s": targets / sec,
             "tokens_per_s": tokens / sec,
             "padding_fraction": 1 - tokens / cells,
-            "peak_rss_gib": rss,
+            "peak_rss_gib": rss[arm],
             "gflops": gflops,
             "peak_fraction": gflops / peak,
             "speedup": base / sec,
@@ -316,8 +314,8 @@ def main() -> None:
         s = summary[arm]
         lines.append(
             f"| {arm} | {s['examples_per_s']:.3f} | {s['target_tokens_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
-            f"{100 * s['padding_fraction']:.0f}% | {rss:.2f} GiB | {gflops:.1f} | {100 * s['peak_fraction']:.0f}% | "
-            f"{s['speedup']:.2f}x |"
+            f"{100 * s['padding_fraction']:.0f}% | {rss[arm]:.2f} GiB | {gflops:.1f} | "
+            f"{100 * s['peak_fraction']:.0f}% | {s['speedup']:.2f}x |"
         )
     print("\n".join(lines))
     if args.json:

@@ -46,6 +46,7 @@ class TaskConfig(Strict):
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
     cluster: str | None = None
+    domain: str | None = Field(None, description="domain label for train.domain (DANN / CORAL / MMD)")
 
     @field_validator("name")
     @classmethod
@@ -192,6 +193,36 @@ class BalanceConfig(Strict):
         return self
 
 
+class DomainConfig(Strict):
+    """Domain-invariant representations across the tasks' `domain:` labels: DANN (a domain
+    classifier behind a gradient-reversal layer) or an alignment loss (CORAL, MMD) between the
+    `target` domain's rows and the others', on the mean-pooled hidden states of `layer`."""
+
+    method: Literal["dann", "coral", "mmd"]
+    weight: float = Field(0.1, ge=0, description="weight of the domain loss next to the task loss")
+    layer: int = Field(-1, description="hidden-state layer to pool (-1: the last)")
+    max_lambda: float = Field(1.0, gt=0, description="dann: final gradient-reversal strength")
+    gamma: float = Field(10.0, gt=0, description="dann: speed of the lambda warm-up")
+    width: int = Field(256, ge=1, description="dann: hidden width of the domain classifier")
+    target: str | None = Field(None, description="coral/mmd: the domain aligned to the others (default: the last)")
+
+
+class RetentionConfig(Strict):
+    """A general-text reference set whose perplexity is measured before training and at every
+    eval: how much general ability the fine-tune costs."""
+
+    data: str | None = Field(None, description="JSONL file of general text")
+    field: str = "text"
+    task: str | None = Field(None, description="or: the dev prompts of this task (e.g. a non-domain task)")
+    max_examples: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RetentionConfig:
+        if (self.data is None) == (self.task is None):
+            raise ValueError("give exactly one of 'data' (a JSONL file) or 'task' (a task whose dev prompts to use)")
+        return self
+
+
 class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -218,6 +249,8 @@ class TrainConfig(Strict):
     interference_every: int | None = Field(None, ge=1, description="per-task gradient cosines every N steps")
     affinity_every: int | None = Field(None, ge=1, description="lookahead task affinity (TAG) every N steps")
     affinity_lr: float | None = Field(None, gt=0, description="lookahead SGD step for affinity (default: train.lr)")
+    domain: DomainConfig | None = None
+    l2sp: float | None = Field(None, gt=0, description="L2-SP: penalty alpha/2 |w - w_pretrained|^2 (full / freeze)")
 
 
 class EvalConfig(Strict):
@@ -237,6 +270,7 @@ class RunConfig(Strict):
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    retention: RetentionConfig | None = None
     output: str = "runs/run"
 
     @model_validator(mode="before")
@@ -267,6 +301,24 @@ class RunConfig(Strict):
                 )
             if self.train.eval_every is None:
                 raise ValueError("train.early_stopping needs train.eval_every")
+        domain = self.train.domain
+        if domain is not None:
+            domains = list(dict.fromkeys(t.domain for t in self.tasks if t.domain is not None))
+            if len(domains) < 2:
+                raise ValueError("train.domain needs tasks of at least two domains (set 'domain:' on the tasks)")
+            if domain.target is not None and domain.target not in domains:
+                raise ValueError(
+                    f"train.domain.target '{domain.target}' is not a domain of the tasks ({', '.join(domains)})"
+                )
+            if self.train.balance.method in BALANCE_SURGERY:
+                raise ValueError("train.domain does not combine with gradient surgery (train.balance)")
+        if self.train.l2sp is not None and self.method.name not in ("full", "freeze"):
+            raise ValueError(
+                f"train.l2sp pulls pre-trained weights back; with {self.method.name} they are frozen: "
+                "use full or freeze"
+            )
+        if self.retention is not None and self.retention.task is not None and self.retention.task not in names:
+            raise ValueError(f"retention.task '{self.retention.task}' is not a task of this run ({', '.join(names)})")
         weights = self.train.balance.weights
         if weights is not None and set(weights) != set(names):
             raise ValueError(
@@ -323,6 +375,10 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
                 p = getattr(t.data, split)
                 if p is not None:
                     setattr(t.data, split, str(Path(p).expanduser().resolve()))
+    if Path(cfg.model).expanduser().exists():  # a local model dir, .gguf file or earlier run (a DAPT stage)
+        cfg.model = str(Path(cfg.model).expanduser().resolve())
+    if cfg.retention is not None and cfg.retention.data is not None:
+        cfg.retention.data = str(Path(cfg.retention.data).expanduser().resolve())
     return cfg
 
 

@@ -89,7 +89,7 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
         import multitune.methods.adapter  # noqa: F401  (registers adapter with PEFT)
         import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
 
-        base = load_base_model(cfg.model, cfg.cache_dir)
+        base = load_base_model(base_model_path(cfg), cfg.cache_dir)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
         model = load_base_model(str(model_dir))
@@ -97,8 +97,41 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
 
 
 def load_base(cfg: RunConfig) -> tuple[torch.nn.Module, object]:
-    model = load_base_model(cfg.model, cfg.cache_dir)
-    return model, load_tokenizer(cfg.model, cfg.cache_dir)
+    path = base_model_path(cfg)
+    return load_base_model(path, cfg.cache_dir), load_tokenizer(path, cfg.cache_dir)
+
+
+def base_model_path(cfg: RunConfig) -> str:
+    """`cfg.model`; for an earlier run (`model: runs/dapt`, a domain-adaptive stage) its merged model."""
+    path = Path(cfg.model)
+    if (path / CONFIG).is_file() and (path / MODEL).is_dir():
+        return str(merged_stage(path))
+    return cfg.model
+
+
+def merged_stage(run_dir: Path) -> Path:
+    """The model of an earlier run with its update merged into the weights, written once to
+    RUN/merged/. The next stage trains a fresh LoRA (or anything else) on top of it: merging costs
+    nothing at inference and keeps the next stage's export an ordinary adapter of one base, where
+    keeping the first LoRA frozen under the second would make every forward pay for both."""
+    out = run_dir / "merged"
+    if (out / "config.json").is_file():
+        return out
+    stage = load_run_config(run_dir)
+    if stage.method.name not in ("lora", "full", "freeze"):
+        raise MultituneError(
+            f"{run_dir} was trained with {stage.method.name}; a run used as a base model must be lora, full or freeze "
+            "(their update merges into the weights)"
+        )
+    model, tokenizer = load_trained_model(run_dir, stage)
+    if stage.method.name == "lora":
+        model = model.merge_and_unload()
+    tmp = run_dir / ".merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    os.rename(tmp, out)
+    return out
 
 
 def save_trained_model(model: torch.nn.Module, tokenizer, run_dir: Path, cfg: RunConfig) -> None:
@@ -122,7 +155,7 @@ def point_adapter_at_base(adapter_dir: Path, cfg: RunConfig) -> None:
     """Name the resolved local base model in adapter_config.json, so plain PEFT loads it offline."""
     conf_path = Path(adapter_dir) / "adapter_config.json"
     conf = json.loads(conf_path.read_text())
-    conf["base_model_name_or_path"] = resolve_model_dir(cfg.model, cfg.cache_dir)
+    conf["base_model_name_or_path"] = resolve_model_dir(base_model_path(cfg), cfg.cache_dir)
     conf_path.write_text(json.dumps(conf, indent=2))
 
 

@@ -10,8 +10,8 @@ passed: transformers then reads the row boundaries from the position ids and kee
 inside each row (`masking_utils.find_packed_sequence_indices`; flash-attention uses the same
 position ids), so a packed row computes exactly what it computes alone. On mixed multi-task
 data (short classification rows next to long QA rows) padding otherwise costs a large share of
-the compute. Rows of different tasks never share a sequence, so task-gated layers still see
-one task per sequence.
+the compute. With `by_task`, rows of different tasks never share a sequence, so task-gated
+layers (which scale per sequence) still see one task per sequence.
 
 Either way `row_ids` says which row each token belongs to (-1 on padding), so losses are
 computed per row, whatever the layout.
@@ -74,13 +74,15 @@ def collate(rows: list[Encoded], pad_id: int) -> Batch:
     return Batch(ids, mask, positions, labels, task_ids, row_ids, task_ids.clone())
 
 
-def pack(rows: list[Encoded], pad_id: int, max_length: int) -> Batch:
-    """Rows of the same task end to end in sequences of at most `max_length` tokens, right-padded."""
+def pack(rows: list[Encoded], pad_id: int, max_length: int, by_task: bool = False) -> Batch:
+    """Rows end to end in sequences of at most `max_length` tokens, right-padded; with `by_task`
+    a sequence holds rows of one task only."""
     bins: list[list[int]] = []  # row indices per sequence
     room: list[int] = []
     tasks: list[int] = []
-    for i in sorted(range(len(rows)), key=lambda i: (rows[i].task_id, -len(rows[i].input_ids), i)):
-        n, task = len(rows[i].input_ids), rows[i].task_id
+    group = (lambda i: rows[i].task_id) if by_task else (lambda i: 0)
+    for i in sorted(range(len(rows)), key=lambda i: (group(i), -len(rows[i].input_ids), i)):
+        n, task = len(rows[i].input_ids), group(i)
         slot = next((b for b in range(len(bins)) if tasks[b] == task and room[b] >= n), None)
         if slot is None:
             bins.append([])
@@ -105,6 +107,7 @@ def pack(rows: list[Encoded], pad_id: int, max_length: int) -> Batch:
             mask[s, at : at + n] = 1
             row_ids[s, at : at + n] = i
             at += n
+        tasks[s] = rows[members[0]].task_id
         positions[s, at:] = torch.arange(width - at)  # the padding is one more (loss-free) segment
     row_task_ids = torch.tensor([r.task_id for r in rows], dtype=torch.long)
     return Batch(ids, mask, positions, labels, torch.tensor(tasks), row_ids, row_task_ids, packed=True)

@@ -48,7 +48,7 @@ def predict(
             if task.kind == "classification":
                 return _classify(model, encoder, task, examples, batch_size)
             if task.kind == "text":
-                return _text_nll(model, encoder, examples, batch_size)
+                return text_nll(model, encoder, examples, batch_size)
             return _generate(model, encoder, examples, batch_size, max_new_tokens)
     finally:
         model.train(was_training)
@@ -132,7 +132,7 @@ def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens) -> 
     return results
 
 
-def _text_nll(model, encoder: Encoder, examples, batch_size) -> list[dict]:
+def text_nll(model, encoder: Encoder, examples, batch_size) -> list[dict]:
     results = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

@@ -35,6 +35,12 @@ def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> t
     raise TypeError(f"unknown method config {type(cfg).__name__}")
 
 
+def task_gated(cfg) -> bool:
+    """True when layers read each row's task (task-gated experts, per-task adapters): then a
+    packed sequence must hold rows of one task only."""
+    return cfg.name in EXPERT_METHODS or (isinstance(cfg, AdapterMethod) and cfg.per_task != "none")
+
+
 def saves_adapter(method_name: str) -> bool:
     """True when the run saves a PEFT adapter (loaded onto the base) rather than full weights."""
     return method_name in ("lora", "adapter") or method_name in EXPERT_METHODS

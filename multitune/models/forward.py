@@ -22,6 +22,18 @@ _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "out
 
 def target_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each target token [N], row index of each target token [N])."""
+    logp, rows, _ = _forward(model, batch, None)
+    return logp, rows
+
+
+def target_logprobs_and_pooled(
+    model: torch.nn.Module, batch: Batch, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Also the mean hidden state of every row at `layer` (R, H): what domain losses look at."""
+    return _forward(model, batch, layer)
+
+
+def _forward(model: torch.nn.Module, batch: Batch, layer: int | None):
     where = batch.labels[:, 1:] != IGNORE  # a token at position p is predicted at p - 1
     targets = batch.labels[:, 1:][where]
     rows = batch.row_ids[:, 1:][where]
@@ -29,9 +41,14 @@ def target_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor,
     parts = _decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(
-            input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state
+        out = decoder(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            output_hidden_states=layer is not None,
+        )
+        hidden = out.last_hidden_state
         logits = head(hidden[:, :-1][where]).float()  # (N, V)
     else:
         # the model's own forward: logits for the right-most positions that hold targets
@@ -42,11 +59,23 @@ def target_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor,
             position_ids=batch.position_ids,
             logits_to_keep=keep,
             use_cache=False,
+            output_hidden_states=layer is not None,
         )
         width = out.logits.shape[1] - 1
         logits = out.logits[:, :-1][where[:, -width:]].float()
     logp = -F.cross_entropy(logits, targets, reduction="none")
-    return logp, rows
+    pooled = None if layer is None else _pool_rows(out.hidden_states[layer], batch)
+    return logp, rows, pooled
+
+
+def _pool_rows(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean hidden state of each row's tokens, whatever the layout (padded or packed): (R, H)."""
+    real = batch.row_ids >= 0
+    ids = batch.row_ids[real]
+    sums = torch.zeros(batch.n_rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    sums = sums.index_add(0, ids, hidden[real])
+    counts = torch.bincount(ids, minlength=batch.n_rows).clamp(min=1).to(hidden.dtype)
+    return sums / counts[:, None]
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:

@@ -26,6 +26,8 @@ from multitune import run as rundir
 from multitune.config import BALANCE_SURGERY, RunConfig
 from multitune.data.collate import collate, pack
 from multitune.data.mixing import TaskMixture
+from multitune.domain.invariance import ALIGNMENT, DomainClassifier, dann_lambda, dann_loss
+from multitune.domain.regularize import L2SP
 from multitune.errors import MultituneError
 from multitune.evaluate.interference import (
     PairAverage,
@@ -34,10 +36,11 @@ from multitune.evaluate.interference import (
     lookahead_affinity,
     plot_matrix,
 )
+from multitune.evaluate.retention import retention_change, retention_examples, retention_perplexity
 from multitune.evaluate.runner import evaluate, lookup
-from multitune.methods import apply_method, count_parameters, param_groups
+from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context
-from multitune.models.forward import per_row_mean_nll, target_logprobs
+from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.tasks.spec import higher_is_better
 from multitune.train.checkpoint import (
     list_checkpoints,
@@ -98,6 +101,11 @@ def train(
         results["zero_shot"] = evaluate(model, encoder, cfg, eval_rows)
         if main:
             rundir.write_results(run_dir, results, cfg)
+    general = retention_examples(cfg) if cfg.retention is not None else None
+    if general and "retention" not in results:
+        before = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
+        results["retention"] = {"before": before}
+        say(f"[retention] general-text perplexity before training: {before:.2f} ({len(general)} texts)")
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,6 +116,9 @@ def train(
         f"[model] {cfg.model} + {cfg.method.name}: trainable {trainable:,} of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)"
     )
+
+    l2sp = L2SP(model.named_parameters(), alpha=cfg.train.l2sp) if cfg.train.l2sp else None
+    domain = _DomainTerm(cfg, model.config.hidden_size) if cfg.train.domain is not None else None
 
     # --- optimisation
     n_proc = accelerator.num_processes
@@ -121,6 +132,9 @@ def train(
         balancer.to(accelerator.device)
         if list(balancer.parameters()):  # uncertainty weighting learns its log-variances
             groups.append({"params": list(balancer.parameters()), "lr": cfg.train.lr, "weight_decay": 0.0})
+    if domain is not None and domain.classifier is not None:
+        domain.classifier.to(accelerator.device)
+        groups.append({"params": list(domain.classifier.parameters()), "lr": cfg.train.lr})
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(
         cfg.train.scheduler,
@@ -159,6 +173,8 @@ def train(
     window = _Window(task_names)
     trackers = {"interference": interference, "affinity": affinity}
     modules = {"balancer": balancer} if balancer is not None else {}
+    if domain is not None and domain.classifier is not None:
+        modules["domain_classifier"] = domain.classifier
     if resume:
         found = list_checkpoints(ckpt_root)
         if found:
@@ -199,7 +215,10 @@ def train(
                 _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
             # the task context stays open through the backward: checkpointed layers recompute there
             with accelerator.no_sync(model) if not sync else nullcontext(), task_context(batch.task_ids):
-                logp, rows = target_logprobs(model, batch)
+                if domain is not None:
+                    logp, rows, pooled = target_logprobs_and_pooled(model, batch, cfg.train.domain.layer)
+                else:
+                    logp, rows = target_logprobs(model, batch)
                 row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
                 task_loss, present = _task_losses(row_loss, batch.row_task_ids, len(task_names))
                 seen = present.nonzero()[:, 0].tolist()
@@ -216,6 +235,8 @@ def train(
                         loss = balancer.combine(task_loss, present) / len(task_names)
                     else:
                         loss = row_loss.mean()
+                    if domain is not None:
+                        loss = loss + domain.loss(pooled, batch.row_task_ids, step / steps)
                     accelerator.backward(loss / cfg.train.grad_accum)
             step_loss += torch.where(present, task_loss.detach(), 0).cpu()
             step_seen += present.cpu()
@@ -223,6 +244,8 @@ def train(
             state["tokens"] += tokens
             state["target_tokens"] += targets
             state["cells"] += batch.input_ids.numel()
+        if l2sp is not None:  # once per optimizer step: pulls the weights back to the pre-trained ones
+            accelerator.backward(l2sp.penalty())
         if cfg.train.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
         optimizer.step()
@@ -248,12 +271,17 @@ def train(
             if balancer is not None:
                 for t, w in balancer.weights().items():
                     figures.setdefault(t, {})["weight"] = w
+            if domain is not None:
+                record.update(domain.flush())
             _log(log, writer, record, figures)
 
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
             result = evaluate(accelerator.unwrap_model(model), encoder, cfg, dev_rows)
             per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
-            _log(log, writer, {"step": step, "split": "dev", "mean": result["mean"]}, per_task)
+            record = {"step": step, "split": "dev", "mean": result["mean"]}
+            if general:
+                record["retention_perplexity"] = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
+            _log(log, writer, record, per_task)
             stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
 
         periodic = cfg.train.save_every is not None and step % cfg.train.save_every == 0
@@ -294,6 +322,13 @@ def train(
     if final_eval:
         say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
         results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
+    if general:
+        after = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
+        results["retention"] = retention_change(results["retention"]["before"], after)
+        say(
+            f"[retention] general-text perplexity {results['retention']['before']:.2f} -> {after:.2f} "
+            f"({results['retention']['change_pct']:+.1f}%)"
+        )
     for name, tracker in trackers.items():
         if tracker is not None and tracker.measurements:
             results[name] = {"tasks": task_names, "matrix": tracker.mean(), "measurements": tracker.measurements}
@@ -320,7 +355,9 @@ def train(
 
 
 def _batch(rows, cfg: RunConfig, pad_id: int):
-    return pack(rows, pad_id, cfg.train.max_length) if cfg.train.packing else collate(rows, pad_id)
+    if not cfg.train.packing:
+        return collate(rows, pad_id)
+    return pack(rows, pad_id, cfg.train.max_length, by_task=task_gated(cfg.method))
 
 
 def _task_losses(row_loss: torch.Tensor, row_tasks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +435,47 @@ def _plot(tracker: PairAverage, path: Path, name: str) -> None:
         span = max([abs(v) for row in matrix for v in row if v == v] + [1e-9])
         title = f"lookahead affinity (row helps column), {tracker.measurements} steps"
         plot_matrix(matrix, tracker.tasks, path, title, -span, span)
+
+
+class _DomainTerm:
+    """The domain loss of `train.domain` for one micro-batch, from the rows' pooled hidden states:
+    DANN's domain classifier behind a gradient-reversal layer (lambda warmed up over training), or
+    CORAL / MMD between the target domain's rows and the others'. Rows of tasks without `domain:`
+    take no part. Keeps the window's mean loss (and DANN's accuracy) for the log."""
+
+    def __init__(self, cfg: RunConfig, hidden_size: int):
+        self.cfg = cfg.train.domain
+        self.names = list(dict.fromkeys(t.domain for t in cfg.tasks if t.domain is not None))
+        self.of_task = torch.tensor([self.names.index(t.domain) if t.domain else -1 for t in cfg.tasks])
+        self.target = self.names.index(self.cfg.target) if self.cfg.target else len(self.names) - 1
+        dann = self.cfg.method == "dann"
+        self.classifier = DomainClassifier(hidden_size, len(self.names), self.cfg.width) if dann else None
+        self.sums = {"domain_loss": 0.0, "domain_accuracy": 0.0}
+        self.count = 0
+
+    def loss(self, pooled: torch.Tensor, row_tasks: torch.Tensor, progress: float) -> torch.Tensor:
+        domains = self.of_task.to(row_tasks.device)[row_tasks]
+        keep = domains >= 0
+        pooled, domains = pooled[keep], domains[keep]
+        if self.classifier is not None:
+            if not len(domains):
+                return pooled.sum() * 0.0
+            lam = dann_lambda(progress, self.cfg.gamma, self.cfg.max_lambda)
+            value, accuracy = dann_loss(self.classifier, pooled, domains, lam)
+            self.sums["domain_accuracy"] += accuracy
+        else:
+            is_target = domains == self.target
+            value = ALIGNMENT[self.cfg.method](pooled[~is_target], pooled[is_target])
+        self.sums["domain_loss"] += float(value)
+        self.count += 1
+        return self.cfg.weight * value
+
+    def flush(self) -> dict:
+        keys = ["domain_loss", "domain_accuracy"] if self.classifier is not None else ["domain_loss"]
+        out = {k: self.sums[k] / self.count for k in keys} if self.count else {}
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        self.count = 0
+        return out
 
 
 class _Window:

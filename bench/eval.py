@@ -1,0 +1,149 @@
+"""Evaluation time per task: the naive loop against multitune's evaluator, same model, same rows.
+
+Naive is what one writes first: one example at a time; a classification row costs one full
+forward of prompt + label per label (log-likelihood of the label tokens); generation and QA call
+`model.generate` on one prompt at a time (greedy, KV cache). multitune's evaluator runs each
+prompt once for all labels of a batch of rows (its KV cache repeated per label) and generates
+for a batch of prompts at once. Both produce predictions that go through the same `score`
+function; the table shows both metrics and whether every prediction is the same.
+
+    python bench/eval.py --quick      # about 3 minutes
+    python bench/eval.py              # the README's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def tasks(n_cls: int, n_gen: int) -> list[dict]:
+    def spec(name, kind, prompt, target, n, **extra):
+        data = {"dev": str(DATA / name / "dev.jsonl")}
+        return {
+            "name": name,
+            "kind": kind,
+            "data": data,
+            "prompt": prompt,
+            "target": target,
+            "max_eval_examples": n,
+            **extra,
+        }
+
+    return [
+        spec(
+            "sst2",
+            "classification",
+            "Review: {{ text }}\nIs the sentiment of this review positive or negative?",
+            "{{ label }}",
+            n_cls,
+            labels=["negative", "positive"],
+        ),
+        spec(
+            "ag_news",
+            "classification",
+            "Article: {{ text }}\nIs this article about World, Sports, Business or Sci/Tech?",
+            "{{ label }}",
+            n_cls,
+            labels=["Business", "Sci/Tech", "Sports", "World"],
+        ),
+        spec(
+            "rte",
+            "classification",
+            "Premise: {{ premise }}\nHypothesis: {{ hypothesis }}\nDoes the premise entail the hypothesis?",
+            "{{ label }}",
+            n_cls,
+            labels=["entailment", "not_entailment"],
+        ),
+        spec(
+            "squad",
+            "extractive_qa",
+            "{{ context }}\nQuestion: {{ question }}\nAnswer with a span of the text.",
+            "{{ answer }}",
+            n_gen,
+        ),
+    ]
+
+
+@torch.no_grad()
+def naive_predict(model, encoder, task, examples, max_new_tokens: int) -> list[dict]:
+    out = []
+    for ex in examples:
+        prompt, _ = encoder.prompt_ids(ex.prompt, reserve=max_new_tokens)
+        if task.kind == "classification":
+            scores = {}
+            for label in task.labels:
+                ids = encoder.target_ids(label)
+                seq = torch.tensor([prompt + ids])
+                logp = torch.log_softmax(model(input_ids=seq).logits[0, len(prompt) - 1 : -1].float(), -1)
+                scores[label] = float(logp.gather(1, torch.tensor(ids)[:, None]).sum())
+            out.append({"prediction": max(task.labels, key=scores.__getitem__), "scores": scores})
+        else:
+            seq = torch.tensor([prompt])
+            gen = model.generate(
+                input_ids=seq,
+                attention_mask=torch.ones_like(seq),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=encoder.tok.pad_token_id,
+                eos_token_id=encoder.eos,
+            )
+            out.append({"prediction": encoder.tok.decode(gen[0, len(prompt) :], skip_special_tokens=True).strip()})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--quick", action="store_true", help="24 classification rows and 8 QA rows per task")
+    p.add_argument("--rows", type=int, default=100, help="classification rows per task")
+    p.add_argument("--gen-rows", type=int, default=32, help="QA rows")
+    p.add_argument("--batch", type=int, default=16)
+    args = p.parse_args()
+    if args.quick:
+        args.rows, args.gen_rows = 24, 8
+
+    from multitune import run as rundir
+    from multitune.config import validate_config
+    from multitune.evaluate.runner import predict, score
+
+    raw = {"model": args.model, "tasks": tasks(args.rows, args.gen_rows), "eval": {"max_new_tokens": 24}}
+    cfg = validate_config(raw)
+    rows = rundir.load_examples(cfg, "dev")
+    model, tokenizer = rundir.load_base(cfg)
+    model.eval()
+    encoder = rundir.make_encoder(cfg, tokenizer)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"[bench] {args.model} on {device}, eval batch {args.batch}")
+    lines = [
+        "| task | rows | naive s | multitune s | speed-up | naive metric | multitune metric | same predictions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    total_naive = total_ours = 0.0
+    for task in cfg.tasks:
+        examples = rows[task.name]
+        predict(model, encoder, task, examples[:2], args.batch, cfg.eval.max_new_tokens)  # warm-up
+        t0 = time.perf_counter()
+        naive = naive_predict(model, encoder, task, examples, cfg.eval.max_new_tokens)
+        t1 = time.perf_counter()
+        ours = predict(model, encoder, task, examples, args.batch, cfg.eval.max_new_tokens)
+        t2 = time.perf_counter()
+        metric = "accuracy" if task.kind == "classification" else "f1"
+        m_naive, m_ours = score(task, examples, naive)[metric], score(task, examples, ours)[metric]
+        same = sum(a["prediction"] == b["prediction"] for a, b in zip(naive, ours, strict=True))
+        total_naive, total_ours = total_naive + t1 - t0, total_ours + t2 - t1
+        lines.append(
+            f"| {task.name} | {len(examples)} | {t1 - t0:.1f} | {t2 - t1:.1f} | {(t1 - t0) / (t2 - t1):.1f}x | "
+            f"{metric} {m_naive:.1f} | {metric} {m_ours:.1f} | {same}/{len(examples)} |"
+        )
+    lines.append(f"| all | | {total_naive:.1f} | {total_ours:.1f} | {total_naive / total_ours:.1f}x | | | |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
