@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +109,12 @@ def drawn_rows(args):
     mixture = TaskMixture({t: len(r) for t, r in examples.items()}, "uniform", seed=cfg.train.seed)
     pairs = [p for _ in range(args.steps) for p in mixture.next_batch(args.batch)]
     return [encoder.encode(examples[t][i]) for t, i in pairs], tokenizer
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's over exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def matmul_peak_gflops() -> float:
@@ -206,6 +211,18 @@ def multitune_arm(args, name: str, **train_options) -> dict:
     return {"seconds": seconds, "cells": tokens / (1 - results["padding_fraction"]), "tokens": tokens}
 
 
+def peak_rss(args) -> dict[str, float]:
+    """GiB: one round of each arm in a fresh process (a process's RSS never shrinks back)."""
+    rss = {}
+    for arm in args.arms:
+        forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in FORWARDED]
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", arm, *forwarded], capture_output=True, text=True, check=True
+        )
+        rss[arm] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"] / 2**20
+    return rss
+
+
 def run_arm(args, arm: str, rows, tokenizer) -> dict:
     if ARMS[arm] is None:
         return hf_trainer_arm(args, rows, tokenizer)
@@ -227,7 +244,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (a few minutes)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per arm and round")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per arm and round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
@@ -235,6 +252,7 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--json", help="also write the medians here")
     p.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)  # one round of one arm, prints peak RSS
+    p.add_argument("--memory-only", action="store_true", help="only the peak RSS of each arm (fresh processes)")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 3
@@ -247,9 +265,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             args.tmp = tmp
             rows, tokenizer = drawn_rows(args)
-            start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             run_arm(args, args.child, rows, tokenizer)
-            print(json.dumps({"start_kib": start, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+            print(json.dumps({"peak_kib": _peak_rss_kib()}))
+        return
+    if args.memory_only:
+        print("| arm | peak RSS |\n|---|---|")
+        for arm, gib in peak_rss(args).items():
+            print(f"| {arm} | {gib:.2f} GiB |")
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
@@ -278,14 +300,7 @@ def main() -> None:
                 label = "warm-up" if round_ == 0 else f"round {round_}"
                 print(f"[bench] {label} {arm}: {out['seconds']:.1f} s", file=sys.stderr, flush=True)
 
-    # peak memory: one round of each arm in a fresh process (one process's RSS never shrinks back)
-    rss = {}
-    for arm in args.arms:
-        forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in FORWARDED]
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", arm, *forwarded], capture_output=True, text=True, check=True
-        )
-        rss[arm] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"] / 2**20
+    rss = peak_rss(args)
 
     base = statistics.median(m["seconds"] for m in measured[args.arms[0]])
     header = (

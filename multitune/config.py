@@ -204,6 +204,7 @@ class DomainConfig(Strict):
     max_lambda: float = Field(1.0, gt=0, description="dann: final gradient-reversal strength")
     gamma: float = Field(10.0, gt=0, description="dann: speed of the lambda warm-up")
     width: int = Field(256, ge=1, description="dann: hidden width of the domain classifier")
+    lr_ratio: float = Field(10.0, gt=0, description="dann: the classifier learns at lr x ratio, to keep up")
     target: str | None = Field(None, description="coral/mmd: the domain aligned to the others (default: the last)")
 
 
@@ -244,7 +245,6 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     threads: int | None = Field(None, ge=1)
     packing: bool = Field(True, description="rows of a task end to end in max_length sequences: no padding compute")
-    compile: bool = Field(False, description="torch.compile the model (pays off on long runs on a GPU)")
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     interference_every: int | None = Field(None, ge=1, description="per-task gradient cosines every N steps")
     affinity_every: int | None = Field(None, ge=1, description="lookahead task affinity (TAG) every N steps")

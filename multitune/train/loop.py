@@ -134,7 +134,8 @@ def train(
             groups.append({"params": list(balancer.parameters()), "lr": cfg.train.lr, "weight_decay": 0.0})
     if domain is not None and domain.classifier is not None:
         domain.classifier.to(accelerator.device)
-        groups.append({"params": list(domain.classifier.parameters()), "lr": cfg.train.lr})
+        lr = cfg.train.lr * cfg.train.domain.lr_ratio  # an adversary slower than the encoder is no adversary
+        groups.append({"params": list(domain.classifier.parameters()), "lr": lr})
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(
         cfg.train.scheduler,
