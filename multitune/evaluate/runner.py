@@ -43,15 +43,24 @@ def predict(
     model.eval()
     tid = encoder.task_ids[task.name] if task_id is None else task_id
     # one id for the whole call: every row is of this task, and layers repeat it to the batch size
+    # longest first, so each batch holds prompts of similar length (little padding); the
+    # predictions go back in the caller's order
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
+    ordered = [examples[i] for i in order]
     try:
         with task_context(torch.tensor([tid])):
             if task.kind == "classification":
-                return _classify(model, encoder, task, examples, batch_size)
-            if task.kind == "text":
-                return text_nll(model, encoder, examples, batch_size)
-            return _generate(model, encoder, examples, batch_size, max_new_tokens)
+                preds = _classify(model, encoder, task, ordered, batch_size)
+            elif task.kind == "text":
+                preds = text_nll(model, encoder, ordered, batch_size)
+            else:
+                preds = _generate(model, encoder, ordered, batch_size, max_new_tokens)
     finally:
         model.train(was_training)
+    out: list[dict] = [{}] * len(examples)
+    for i, pred in zip(order, preds, strict=True):
+        out[i] = pred
+    return out
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -12,7 +12,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from multitune import run as rundir
-from multitune.config import BALANCE_SURGERY, RunConfig
+from multitune.config import RunConfig
 from multitune.data.collate import collate, pack
 from multitune.data.mixing import TaskMixture
 from multitune.domain.invariance import ALIGNMENT, DomainClassifier, dann_lambda, dann_loss
@@ -230,7 +229,8 @@ def train(
                     interference.add(seen, cosine_matrix(grads))
                     _log(log, writer, {"step": step + 1, "split": "interference", **summary}, per_pair)
                 if surgery is not None:
-                    _add_grad(params, _surgery_direction(surgery, grads), 1 / (len(task_names) * cfg.train.grad_accum))
+                    direction = _surgery_direction(surgery, grads, step)
+                    _add_grad(params, direction, 1 / (len(task_names) * cfg.train.grad_accum))
                 else:
                     if balancer is not None:
                         loss = balancer.combine(task_loss, present) / len(task_names)
@@ -349,7 +349,8 @@ def train(
     }
     if main:
         table = rundir.write_results(run_dir, results, cfg)
-        say(table)
+        if final_eval:
+            say(table)
         if writer:
             writer.close()
     return results
@@ -373,11 +374,12 @@ def _balance(cfg: RunConfig, tasks: list[str]):
     b = cfg.train.balance
     if b.method == "rows":
         return None, None
-    if b.method in BALANCE_SURGERY:
-        if b.method == "pcgrad":
-            generator = torch.Generator().manual_seed(cfg.train.seed)
-            return None, partial(pcgrad, generator=generator)
-        return None, partial(cagrad, c=b.cagrad_c) if b.method == "cagrad" else aligned_mtl
+    if b.method == "pcgrad":  # its random task order is drawn from (seed, step): a resumed run repeats it
+        return None, lambda grads, step: pcgrad(grads, torch.Generator().manual_seed(cfg.train.seed * 7919 + step))
+    if b.method == "cagrad":
+        return None, lambda grads, step: cagrad(grads, c=b.cagrad_c)
+    if b.method == "aligned_mtl":
+        return None, lambda grads, step: aligned_mtl(grads)
     options = {
         "static": {"weights": b.weights},
         "dwa": {"temperature": b.temperature, "beta": b.beta},
@@ -386,13 +388,13 @@ def _balance(cfg: RunConfig, tasks: list[str]):
     return make_balancer(b.method, tasks, **options), None
 
 
-def _surgery_direction(surgery, grads: torch.Tensor) -> torch.Tensor:
+def _surgery_direction(surgery, grads: torch.Tensor, step: int) -> torch.Tensor:
     """Surgery on the coordinates that two or more tasks reach; the others (task-specific experts
     or adapters, parameters one task alone moves) keep their plain sum."""
     direction = grads.sum(0)
     shared = (grads != 0).sum(0) > 1
     if shared.any():
-        direction[shared] = surgery(grads[:, shared])
+        direction[shared] = surgery(grads[:, shared], step)
     return direction
 
 
