@@ -271,6 +271,7 @@ def plot_matrix(
     title: str,
     vmin: float = -1.0,
     vmax: float = 1.0,
+    fmt: str = ".2f",
 ) -> None:
     """Heatmap of a (K, K) task matrix (cosines, affinities) with each value written in its cell.
 
@@ -290,7 +291,7 @@ def plot_matrix(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     k = len(names)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * k, 1.2 + 0.6 * k))
+    fig, ax = plt.subplots(figsize=(3.0 + 0.9 * k, 1.6 + 0.7 * k))
     try:
         image = ax.imshow(values, cmap="RdBu", vmin=vmin, vmax=vmax)
         ax.set_xticks(range(k), names, rotation=45, ha="right")
@@ -298,8 +299,8 @@ def plot_matrix(
         span = max(abs(vmin), abs(vmax), 1e-12)
         for i, j in itertools.product(range(k), range(k)):
             strong = abs(values[i, j]) > 0.6 * span
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w" if strong else "k")
-        ax.set_title(title)
+            ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8, color="w" if strong else "k")
+        ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -432,12 +432,13 @@ def _measure_affinity(model, rows, cfg: RunConfig, pad_id: int, params, tracker:
 def _plot(tracker: PairAverage, path: Path, name: str) -> None:
     matrix = [[float("nan") if v is None else v for v in row] for row in tracker.mean()]
     if name == "interference":
-        title = f"gradient cosine, mean of {tracker.measurements} steps"
-        plot_matrix(matrix, tracker.tasks, path, title)
-    else:
-        span = max([abs(v) for row in matrix for v in row if v == v] + [1e-9])
-        title = f"lookahead affinity (row helps column), {tracker.measurements} steps"
-        plot_matrix(matrix, tracker.tasks, path, title, -span, span)
+        plot_matrix(matrix, tracker.tasks, path, f"gradient cosine, mean of {tracker.measurements} steps")
+        return
+    # the diagonal (a task's step on itself) dwarfs the rest: scale colours to the off-diagonal
+    off = [abs(v) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v == v]
+    span = max(off + [1e-9])
+    title = f"lookahead affinity, row's step helps column\n(mean of {tracker.measurements} steps)"
+    plot_matrix(matrix, tracker.tasks, path, title, -span, span, fmt="+.4f")
 
 
 class _DomainTerm:
