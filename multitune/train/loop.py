@@ -430,15 +430,17 @@ def _measure_affinity(model, rows, cfg: RunConfig, pad_id: int, params, tracker:
 
 
 def _plot(tracker: PairAverage, path: Path, name: str) -> None:
+    """Heatmap of the averaged matrix, coloured on the off-diagonal range (the diagonal, a task
+    with itself, would wash everything else out)."""
     matrix = [[float("nan") if v is None else v for v in row] for row in tracker.mean()]
-    if name == "interference":
-        plot_matrix(matrix, tracker.tasks, path, f"gradient cosine, mean of {tracker.measurements} steps")
-        return
-    # the diagonal (a task's step on itself) dwarfs the rest: scale colours to the off-diagonal
     off = [abs(v) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v == v]
     span = max(off + [1e-9])
-    title = f"lookahead affinity, row's step helps column\n(mean of {tracker.measurements} steps)"
-    plot_matrix(matrix, tracker.tasks, path, title, -span, span, fmt="+.4f")
+    if name == "interference":
+        title = f"per-task gradient cosine\n(mean of {tracker.measurements} steps)"
+        plot_matrix(matrix, tracker.tasks, path, title, -span, span, fmt="+.3f")
+    else:
+        title = f"lookahead affinity, row's step helps column\n(mean of {tracker.measurements} steps)"
+        plot_matrix(matrix, tracker.tasks, path, title, -span, span, fmt="+.4f")
 
 
 class _DomainTerm:
