@@ -91,7 +91,8 @@ def train(
         if n:
             say(
                 f"[data] {t}: {n} of {len(encoded[t])} train rows longer than max_length "
-                f"{cfg.train.max_length} were truncated (prompt side)"
+                f"{cfg.train.max_length} were truncated "
+                f"({'their end' if cfg.task(t).kind == 'text' else 'prompt side'})"
             )
 
     results = rundir.read_results(run_dir) if resume else {}
