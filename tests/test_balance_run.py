@@ -105,8 +105,9 @@ def test_affinity_is_measured_logged_and_averaged(run_config, tmp_path):
     assert (tmp_path / "run" / "affinity.png").is_file()
 
 
-def test_resume_with_famo_and_interference_is_exact(run_config, tmp_path):
-    common = {"max_steps": 6, "save_every": 2, "log_every": 1, "balance": "famo", "interference_every": 2}
+@pytest.mark.parametrize("balance", ["famo", "pcgrad"])
+def test_resume_with_balance_and_interference_is_exact(balance, run_config, tmp_path):
+    common = {"max_steps": 6, "save_every": 2, "log_every": 1, "balance": balance, "interference_every": 2}
     full = validate_config(run_config(train=common, output=str(tmp_path / "full")))
     a = train(full)
     part = validate_config(run_config(train=common, output=str(tmp_path / "part")))
