@@ -25,8 +25,8 @@ from multitune import run as rundir
 from multitune.config import RunConfig
 from multitune.data.collate import collate, pack
 from multitune.data.mixing import TaskMixture
-from multitune.domain.invariance import ALIGNMENT, DomainClassifier, dann_lambda, dann_loss
 from multitune.domain.regularize import L2SP
+from multitune.domain.term import DomainTerm
 from multitune.errors import MultituneError
 from multitune.evaluate.interference import (
     PairAverage,
@@ -49,7 +49,7 @@ from multitune.train.checkpoint import (
     save_weights_atomic,
 )
 from multitune.train.objectives import make_balancer
-from multitune.train.surgery import aligned_mtl, cagrad, pcgrad, per_task_grads
+from multitune.train.surgery import add_grad, aligned_mtl, cagrad, pcgrad, per_task_grads, surgery_direction
 
 
 def train(
@@ -118,7 +118,7 @@ def train(
     )
 
     l2sp = L2SP(model.named_parameters(), alpha=cfg.train.l2sp) if cfg.train.l2sp else None
-    domain = _DomainTerm(cfg, model.config.hidden_size) if cfg.train.domain is not None else None
+    domain = DomainTerm(cfg, model.config.hidden_size) if cfg.train.domain is not None else None
 
     # --- optimisation
     n_proc = accelerator.num_processes
@@ -230,8 +230,8 @@ def train(
                     interference.add(seen, cosine_matrix(grads))
                     _log(log, writer, {"step": step + 1, "split": "interference", **summary}, per_pair)
                 if surgery is not None:
-                    direction = _surgery_direction(surgery, grads, step)
-                    _add_grad(params, direction, 1 / (len(task_names) * cfg.train.grad_accum))
+                    direction = surgery_direction(surgery, grads, step)
+                    add_grad(params, direction, 1 / (len(task_names) * cfg.train.grad_accum))
                 else:
                     if balancer is not None:
                         loss = balancer.combine(task_loss, present) / len(task_names)
@@ -389,24 +389,6 @@ def _balance(cfg: RunConfig, tasks: list[str]):
     return make_balancer(b.method, tasks, **options), None
 
 
-def _surgery_direction(surgery, grads: torch.Tensor, step: int) -> torch.Tensor:
-    """Surgery on the coordinates that two or more tasks reach; the others (task-specific experts
-    or adapters, parameters one task alone moves) keep their plain sum."""
-    direction = grads.sum(0)
-    shared = (grads != 0).sum(0) > 1
-    if shared.any():
-        direction[shared] = surgery(grads[:, shared], step)
-    return direction
-
-
-def _add_grad(params: list[torch.nn.Parameter], flat: torch.Tensor, scale: float) -> None:
-    offset = 0
-    for p in params:
-        piece = flat[offset : offset + p.numel()].view_as(p).to(p.dtype) * scale
-        p.grad = piece if p.grad is None else p.grad + piece
-        offset += p.numel()
-
-
 def _measure_affinity(model, rows, cfg: RunConfig, pad_id: int, params, tracker: PairAverage, device) -> dict:
     """TAG lookahead affinity on this step's rows (dropout off: the losses must be comparable)."""
     names = cfg.task_names
@@ -442,47 +424,6 @@ def _plot(tracker: PairAverage, path: Path, name: str) -> None:
     else:
         title = f"lookahead affinity, row's step helps column\n(mean of {tracker.measurements} steps)"
         plot_matrix(matrix, tracker.tasks, path, title, -span, span, fmt="+.4f")
-
-
-class _DomainTerm:
-    """The domain loss of `train.domain` for one micro-batch, from the rows' pooled hidden states:
-    DANN's domain classifier behind a gradient-reversal layer (lambda warmed up over training), or
-    CORAL / MMD between the target domain's rows and the others'. Rows of tasks without `domain:`
-    take no part. Keeps the window's mean loss (and DANN's accuracy) for the log."""
-
-    def __init__(self, cfg: RunConfig, hidden_size: int):
-        self.cfg = cfg.train.domain
-        self.names = list(dict.fromkeys(t.domain for t in cfg.tasks if t.domain is not None))
-        self.of_task = torch.tensor([self.names.index(t.domain) if t.domain else -1 for t in cfg.tasks])
-        self.target = self.names.index(self.cfg.target) if self.cfg.target else len(self.names) - 1
-        dann = self.cfg.method == "dann"
-        self.classifier = DomainClassifier(hidden_size, len(self.names), self.cfg.width) if dann else None
-        self.sums = {"domain_loss": 0.0, "domain_accuracy": 0.0}
-        self.count = 0
-
-    def loss(self, pooled: torch.Tensor, row_tasks: torch.Tensor, progress: float) -> torch.Tensor:
-        domains = self.of_task.to(row_tasks.device)[row_tasks]
-        keep = domains >= 0
-        pooled, domains = pooled[keep], domains[keep]
-        if self.classifier is not None:
-            if not len(domains):
-                return pooled.sum() * 0.0
-            lam = dann_lambda(progress, self.cfg.gamma, self.cfg.max_lambda)
-            value, accuracy = dann_loss(self.classifier, pooled, domains, lam)
-            self.sums["domain_accuracy"] += accuracy
-        else:
-            is_target = domains == self.target
-            value = ALIGNMENT[self.cfg.method](pooled[~is_target], pooled[is_target])
-        self.sums["domain_loss"] += float(value)
-        self.count += 1
-        return self.cfg.weight * value
-
-    def flush(self) -> dict:
-        keys = ["domain_loss", "domain_accuracy"] if self.classifier is not None else ["domain_loss"]
-        out = {k: self.sums[k] / self.count for k in keys} if self.count else {}
-        self.sums = dict.fromkeys(self.sums, 0.0)
-        self.count = 0
-        return out
 
 
 class _Window:

@@ -230,3 +230,22 @@ SURGERY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cagrad": cagrad,
     "aligned_mtl": aligned_mtl,
 }
+
+
+def surgery_direction(surgery, grads: torch.Tensor, step: int) -> torch.Tensor:
+    """Surgery on the coordinates that two or more tasks reach; the others (task-specific experts
+    or adapters, parameters one task alone moves) keep their plain sum."""
+    direction = grads.sum(0)
+    shared = (grads != 0).sum(0) > 1
+    if shared.any():
+        direction[shared] = surgery(grads[:, shared], step)
+    return direction
+
+
+def add_grad(params: list[torch.nn.Parameter], flat: torch.Tensor, scale: float) -> None:
+    """Add `scale * flat` (P,) into the parameters' .grad (accumulates over micro-batches)."""
+    offset = 0
+    for p in params:
+        piece = flat[offset : offset + p.numel()].view_as(p).to(p.dtype) * scale
+        p.grad = piece if p.grad is None else p.grad + piece
+        offset += p.numel()
