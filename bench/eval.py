@@ -2,9 +2,10 @@
 
 Naive is what one writes first: one example at a time; a classification row costs one full
 forward of prompt + label per label (log-likelihood of the label tokens); generation and QA call
-`model.generate` on one prompt at a time (greedy, KV cache). multitune's evaluator runs each
-prompt once for all labels of a batch of rows (its KV cache repeated per label) and generates
-for a batch of prompts at once. Both produce predictions that go through the same `score`
+`model.generate` on one prompt at a time (greedy, KV cache). multitune's evaluator runs the
+prompt prefix every row shares (chat template, task lead-in) once per task, each prompt once
+for all labels of a batch of rows (its KV cache repeated per label), and generates for a batch
+of prompts at once. Both produce predictions that go through the same `score`
 function; the table shows both metrics and whether every prediction is the same.
 
     python bench/eval.py --quick      # about 3 minutes
@@ -111,6 +112,9 @@ def main() -> None:
     from multitune import run as rundir
     from multitune.config import validate_config
     from multitune.evaluate.runner import predict, score
+    from multitune.runtime import use_cores
+
+    use_cores()  # threads and allocator as `multitune eval` sets them, for both loops
 
     raw = {"model": args.model, "tasks": tasks(args.rows, args.gen_rows), "eval": {"max_new_tokens": 24}}
     cfg = validate_config(raw)

@@ -10,9 +10,13 @@ targets, dropout), batch size, max length, AdamW learning rate and schedule:
 - `multitune`: `multitune.train.loop.train` as `multitune train` runs it (rows packed into
   `max_length` sequences, LM head only at target positions);
 - `multitune-padded`: the same with `train.packing=false` (left padding, LM head at targets), to
-  show what packing contributes; `multitune-ckpt`: packing + gradient checkpointing.
+  show what packing contributes; `multitune-ckpt`: packing + gradient checkpointing;
+  `multitune-compile`: packing + `train.compile` (each round's time includes its compilation:
+  dynamo traces every new model; inductor's kernels come from its cache after the warm-up).
 
 Arms alternate round by round in one process after a warm-up round; the table shows medians.
+The process runs with multitune's thread and allocator settings (`multitune.runtime.use_cores`)
+from the start, so every arm, the baseline included, gets them.
 Measured per arm: examples/s, target tokens/s, real (non-pad) tokens/s, padding fraction, peak
 RSS of one round of the arm in a fresh process, and achieved GFLOP/s of useful work as a share of this machine's fp32
 matmul peak measured at start. Useful work per row of n tokens with t target tokens:
@@ -236,6 +240,7 @@ ARMS = {
     "multitune": {},
     "multitune-padded": {"packing": False},
     "multitune-ckpt": {"gradient_checkpointing": True},
+    "multitune-compile": {"compile": True},
 }
 
 
@@ -260,7 +265,9 @@ def main() -> None:
 
     from multitune.models.base import resolve_model_dir
 
-    torch.set_num_threads(torch.get_num_threads())
+    from multitune.runtime import use_cores
+
+    use_cores()
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
             args.tmp = tmp

@@ -10,6 +10,7 @@ from multitune.config import RunConfig, apply_override, load_config, resolve_pat
 from multitune.data.sources import parse_jsonl, row_to_example
 from multitune.errors import MultituneError
 from multitune.evaluate.runner import evaluate, predict
+from multitune.runtime import use_cores
 
 
 def _config_for(target: str | Path, overrides: list[str]) -> tuple[RunConfig, Path | None]:
@@ -42,6 +43,7 @@ def evaluate_run(
     on need `task_fallback` ("common": its common experts only).
     """
     cfg, run_dir = _config_for(target, overrides or [])
+    use_cores(cfg.train.threads)
     if split is not None:
         cfg.eval.split = split
     if tasks_from is not None:
@@ -94,6 +96,7 @@ def predict_rows(
     """Yield each input row with its prediction added, in input order. `tasks_from` /
     `task_fallback`: as for `evaluate_run`, for a task defined outside the run."""
     cfg = rundir.load_run_config(run_dir)
+    use_cores(cfg.train.threads)
     if tasks_from is not None:
         cfg.tasks = load_config(tasks_from).tasks
     task = cfg.task(task_name)

@@ -243,6 +243,7 @@ class TrainConfig(Strict):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
+    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes)")
     threads: int | None = Field(None, ge=1)
     packing: bool = Field(True, description="rows of a task end to end in max_length sequences: no padding compute")
     balance: BalanceConfig = Field(default_factory=BalanceConfig)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import task_squad, write_yaml
+from conftest import task_rte, task_squad, write_yaml
 
 from multitune import run as rundir
 from multitune.cli import main
@@ -35,6 +35,39 @@ def test_label_scores_equal_one_forward_per_label(arch, tiny_model_dirs, run_con
                 naive = target_logprobs(model, batch)[0].sum().item()
             assert pred["scores"][label] == pytest.approx(naive, abs=1e-4)
         assert pred["prediction"] == max(pred["scores"], key=pred["scores"].get)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(arch, tiny_model_dirs, run_config, monkeypatch):
+    from multitune.evaluate import runner
+
+    lead = "Read the premise and the hypothesis below with care, then answer.\nPremise: "
+    rte = {**task_rte(), "prompt": lead + "{{ premise }}\nHypothesis: {{ hypothesis }}"}
+    squad = {**task_squad(2, 5), "prompt": lead + "{{ context }}\nQuestion: {{ question }}"}
+    raw = run_config(model=str(tiny_model_dirs[arch]), tasks=[rte, squad], train={"max_length": 480})
+    cfg = validate_config(raw)
+    model = load_base_model(cfg.model).eval()
+    enc = rundir.make_encoder(cfg, load_tokenizer(cfg.model))
+    rows = {t.name: load_split(t, "dev", limit=5) for t in cfg.tasks}
+    prompts = [enc.prompt_ids(ex.prompt, reserve=4)[0] for ex in rows["rte"]]
+    with torch.no_grad():
+        shared = runner._SharedPrefix(model, prompts)
+    lead_ids = enc.prompt_ids(lead + "x", reserve=4)[0]
+    assert len(shared.tokens) >= 10 and shared.tokens == prompts[0][: len(shared.tokens)]
+    assert all(p[: len(shared.tokens)] == shared.tokens for p in prompts) and len(lead_ids) > 10
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    with_prefix = {t.name: predict(model, enc, t, rows[t.name], batch_size=2, max_new_tokens=6) for t in cfg.tasks}
+    hook.remove()
+    assert calls[0] == (1, len(shared.tokens))  # the prefix runs once, alone, before the batches
+    assert calls[1][1] == max(map(len, prompts)) - len(shared.tokens)  # the longest batch starts after it
+    monkeypatch.setattr(runner._SharedPrefix, "MIN_PREFIX", 10**9)
+    without = {t.name: predict(model, enc, t, rows[t.name], batch_size=2, max_new_tokens=6) for t in cfg.tasks}
+    assert [p["prediction"] for p in with_prefix["squad"]] == [p["prediction"] for p in without["squad"]]
+    for a, b in zip(with_prefix["rte"], without["rte"], strict=True):
+        assert a["prediction"] == b["prediction"]
+        for label, value in a["scores"].items():
+            assert value == pytest.approx(b["scores"][label], abs=1e-4)
 
 
 def test_score_uses_the_right_metrics():

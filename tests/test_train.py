@@ -9,7 +9,7 @@ from conftest import task_squad, write_yaml
 from multitune import run as rundir
 from multitune.cli import main
 from multitune.config import validate_config
-from multitune.data.collate import collate, pack
+from multitune.data.collate import _cells, collate, pack
 from multitune.data.sources import Example
 from multitune.errors import MultituneError
 from multitune.methods import apply_method, count_parameters
@@ -178,6 +178,33 @@ def test_packed_rows_give_the_losses_of_the_rows_alone(arch, by_task, tiny_model
     assert not torch.allclose(mixed, got, atol=1e-3)
 
 
+def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
+    from multitune.data.encode import Encoded
+
+    # one mixed 8-row step of bench/throughput.py: 1,541 tokens
+    lengths = [50, 81, 156, 165, 220, 250, 304, 315]
+    rows = [Encoded(list(range(1, n + 1)), [-100] * n, i % 2, False) for i, n in enumerate(lengths)]
+    batch = pack(rows, 0, max_length=512)
+    # first fit into 512-token sequences: 4 x 510 cells (24% padding); five 321-token ones: 4%
+    assert tuple(batch.input_ids.shape) == (5, 321)
+    assert batch.row_tokens().tolist() == lengths
+    assert int((batch.row_ids >= 0).sum()) == sum(lengths)
+    for i, n in enumerate(lengths):
+        seq, at = (batch.row_ids == i).nonzero()[:, 0], (batch.row_ids == i).nonzero()[:, 1]
+        assert seq.unique().numel() == 1 and batch.input_ids[seq[0], at].tolist() == list(range(1, n + 1))
+        assert batch.position_ids[seq[0], at].tolist() == list(range(n))
+    # a row as long as max_length keeps max_length sequences; by_task keeps tasks apart
+    assert pack(rows + [Encoded([1] * 512, [-100] * 512, 0, False)], 0, 512).input_ids.shape[1] == 512
+    by_task = pack(rows, 0, max_length=512, by_task=True)
+    for s in range(by_task.input_ids.shape[0]):
+        members = by_task.row_ids[s][by_task.row_ids[s] >= 0].unique()
+        assert len(set(by_task.row_task_ids[members].tolist())) == 1
+    groups = [r.task_id for r in rows]
+    assert by_task.input_ids.numel() == min(_cells(lengths, groups, c)[0] for c in range(315, 513)) < _cells(
+        lengths, groups, 512
+    )[0]
+
+
 @pytest.mark.parametrize("method", ["lora", "moe_lora"])
 def test_packed_training_matches_padded_training(method, run_config):
     """Same rows, same steps: packing changes the layout, not the numbers (task-gated experts get
@@ -195,6 +222,36 @@ def test_packed_training_matches_padded_training(method, run_config):
     assert [k[:2] for k in runs[True]] == [k[:2] for k in runs[False]]
     for (_, _, a), (_, _, b) in zip(runs[True], runs[False], strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "moe_lora"])
+def test_compiled_layers_train_like_eager_ones(method, run_config):
+    """train.compile: the decoder layers run compiled (dynamic shapes: packed batches change
+    length every step) and give the eager losses."""
+    runs = {}
+    for compiled in (False, True):
+        raw = run_config(
+            method={"name": method, "rank": 4, "dropout": 0.0},
+            train={"max_steps": 3, "lr": 1e-2, "log_every": 1, "compile": compiled},
+            eval={"zero_shot": False},
+            output=str(rundir.Path(run_config()["output"]).parent / f"compile-{compiled}"),
+        )
+        train(validate_config(raw))
+        runs[compiled] = _losses(rundir.Path(raw["output"]))
+    assert [k[:2] for k in runs[True]] == [k[:2] for k in runs[False]]
+    for (_, _, a), (_, _, b) in zip(runs[True], runs[False], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_compile_layers_compiles_each_decoder_layer(tiny_model_dirs):
+    from multitune.runtime import compile_layers
+
+    for arch, n_layers in (("llama", 2), ("gpt2", 2)):
+        model = load_base_model(str(tiny_model_dirs[arch]))
+        assert compile_layers(model) == n_layers == model.config.num_hidden_layers
+        blocks = model.get_decoder().layers if arch == "llama" else model.transformer.h
+        assert all(b._compiled_call_impl is not None for b in blocks)
 
 
 def test_full_and_freeze_methods(run_config, tiny_model_dir):

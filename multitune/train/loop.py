@@ -40,6 +40,7 @@ from multitune.evaluate.runner import evaluate, lookup
 from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
+from multitune.runtime import compile_layers, use_cores
 from multitune.tasks.spec import higher_is_better
 from multitune.train.checkpoint import (
     list_checkpoints,
@@ -70,7 +71,7 @@ def train(
             f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU "
             "(on CPU bf16/fp16 are emulated, ~300x slower)"
         )
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    use_cores(cfg.train.threads)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -109,6 +110,8 @@ def train(
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        compile_layers(model)
     set_seed(cfg.train.seed)  # new weights (LoRA's A) start the same in every run of this seed
     model = apply_method(model, cfg.method, cfg.tasks)
     trainable, total = count_parameters(model)
