@@ -264,7 +264,6 @@ def main() -> None:
     from transformers import AutoConfig
 
     from multitune.models.base import resolve_model_dir
-
     from multitune.runtime import use_cores
 
     use_cores()

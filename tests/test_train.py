@@ -200,9 +200,11 @@ def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
         members = by_task.row_ids[s][by_task.row_ids[s] >= 0].unique()
         assert len(set(by_task.row_task_ids[members].tolist())) == 1
     groups = [r.task_id for r in rows]
-    assert by_task.input_ids.numel() == min(_cells(lengths, groups, c)[0] for c in range(315, 513)) < _cells(
-        lengths, groups, 512
-    )[0]
+    assert (
+        by_task.input_ids.numel()
+        == min(_cells(lengths, groups, c)[0] for c in range(315, 513))
+        < _cells(lengths, groups, 512)[0]
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "moe_lora"])
