@@ -279,6 +279,7 @@ def main() -> None:
         for arm, gib in peak_rss(args).items():
             print(f"| {arm} | {gib:.2f} GiB |")
         return
+    rss = peak_rss(args)  # first: this process keeps the memory it frees (use_cores), children need room
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         rows, tokenizer = drawn_rows(args)
@@ -305,8 +306,6 @@ def main() -> None:
                     measured[arm].append(out)
                 label = "warm-up" if round_ == 0 else f"round {round_}"
                 print(f"[bench] {label} {arm}: {out['seconds']:.1f} s", file=sys.stderr, flush=True)
-
-    rss = peak_rss(args)
 
     base = statistics.median(m["seconds"] for m in measured[args.arms[0]])
     header = (

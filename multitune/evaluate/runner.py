@@ -142,7 +142,7 @@ def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             cache=batch.cache,
-            use_cache=width > 1,
+            use_cache=True,
             logits_to_keep=1,
         )
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts label token 0

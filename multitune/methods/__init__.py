@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 
 from multitune.config import EXPERT_METHODS, AdapterMethod, FreezeMethod, FullMethod, LoraMethod, TaskConfig
+from multitune.methods.dropout import use_word_dropout
 from multitune.methods.targets import resolve_targets
 
 
 def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> torch.nn.Module:
-    """`tasks` (in run order: task i has id i) matter only to task-gated methods."""
+    """`tasks` (in run order: task i has id i) matter only to task-gated methods. Dropout layers
+    become `WordDropout` (same distribution, a cheaper mask: see methods/dropout.py)."""
+    model = _apply(model, cfg, tasks)
+    use_word_dropout(model)
+    return model
+
+
+def _apply(model: torch.nn.Module, cfg, tasks: list[TaskConfig]) -> torch.nn.Module:
     if isinstance(cfg, LoraMethod):
         from multitune.methods.lora.model import apply_lora
 
