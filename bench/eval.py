@@ -6,7 +6,8 @@ forward of prompt + label per label (log-likelihood of the label tokens); genera
 prompt prefix every row shares (chat template, task lead-in) once per task, each prompt once
 for all labels of a batch of rows (its KV cache repeated per label), and generates for a batch
 of prompts at once. Both produce predictions that go through the same `score`
-function; the table shows both metrics and whether every prediction is the same.
+function; the table shows both metrics and whether every prediction is the same, and the
+ratio of the matmul work the two do (`work`): the speed-up each would show at equal efficiency.
 
     python bench/eval.py --quick      # about 3 minutes
     python bench/eval.py              # the README's table
@@ -98,6 +99,46 @@ def naive_predict(model, encoder, task, examples, max_new_tokens: int) -> list[d
     return out
 
 
+def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int) -> tuple[float, float]:
+    """Matmul FLOPs of the naive loop and of multitune's evaluator on these rows (weights and LM
+    head; attention left out): their ratio is the speed-up both would show at the same matmul
+    efficiency, so what exceeds it is batching, and what falls short of 5x is bounded here.
+
+    Per token: 2 N (N = decoder weights) + 2 d V where logits are computed. Naive: every label
+    is a full forward of prompt + label with logits at every position; generation is one prompt
+    plus one step per generated token. Ours: the shared prefix once, each prompt's own tokens
+    once (logits at its last position), W - 1 label tokens per label with logits; generation
+    runs each batch for as many steps as its longest answer.
+    """
+    from multitune.evaluate.runner import _SharedPrefix
+
+    c = model.config
+    d, inter, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    body = 2 * c.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * inter)
+    head = 2 * d * c.vocab_size
+    if task.kind == "classification":
+        labels = [len(encoder.target_ids(label)) for label in task.labels]
+        width = max(labels)
+        prompts = [encoder.prompt_ids(ex.prompt, reserve=width)[0] for ex in examples]
+        with torch.no_grad():
+            prefix = len(_SharedPrefix(model, prompts).tokens)
+        naive = sum((len(p) + n) * (body + head) for p in prompts for n in labels)
+        ours = prefix * body + sum((len(p) - prefix) * body + head for p in prompts)
+        ours += len(prompts) * len(labels) * (width - 1) * (body + head)
+        return naive, ours
+    prompts = [encoder.prompt_ids(ex.prompt, reserve=max_new_tokens)[0] for ex in examples]
+    with torch.no_grad():
+        prefix = len(_SharedPrefix(model, prompts).tokens)
+    steps = [min(len(encoder.tok(x["prediction"]).input_ids) + 1, max_new_tokens) for x in preds]
+    naive = sum(len(p) * body + head + g * (body + head) for p, g in zip(prompts, steps, strict=True))
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))  # predict's batches
+    ours = prefix * body + sum((len(p) - prefix) * body + head for p in prompts)
+    for start in range(0, len(order), batch):
+        members = order[start : start + batch]
+        ours += len(members) * max(steps[i] for i in members) * (body + head)
+    return naive, ours
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -125,10 +166,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"[bench] {args.model} on {device}, eval batch {args.batch}")
     lines = [
-        "| task | rows | naive s | multitune s | speed-up | naive metric | multitune metric | same predictions |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | rows | naive s | multitune s | speed-up | FLOP ratio | naive metric | multitune metric "
+        "| same predictions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    total_naive = total_ours = 0.0
+    total_naive = total_ours = flops_naive = flops_ours = 0.0
     for task in cfg.tasks:
         examples = rows[task.name]
         predict(model, encoder, task, examples[:2], args.batch, cfg.eval.max_new_tokens)  # warm-up
@@ -141,11 +183,16 @@ def main() -> None:
         m_naive, m_ours = score(task, examples, naive)[metric], score(task, examples, ours)[metric]
         same = sum(a["prediction"] == b["prediction"] for a, b in zip(naive, ours, strict=True))
         total_naive, total_ours = total_naive + t1 - t0, total_ours + t2 - t1
+        f_naive, f_ours = work(model, encoder, task, examples, naive, args.batch, cfg.eval.max_new_tokens)
+        flops_naive, flops_ours = flops_naive + f_naive, flops_ours + f_ours
         lines.append(
             f"| {task.name} | {len(examples)} | {t1 - t0:.1f} | {t2 - t1:.1f} | {(t1 - t0) / (t2 - t1):.1f}x | "
-            f"{metric} {m_naive:.1f} | {metric} {m_ours:.1f} | {same}/{len(examples)} |"
+            f"{f_naive / f_ours:.1f}x | {metric} {m_naive:.1f} | {metric} {m_ours:.1f} | {same}/{len(examples)} |"
         )
-    lines.append(f"| all | | {total_naive:.1f} | {total_ours:.1f} | {total_naive / total_ours:.1f}x | | | |")
+    lines.append(
+        f"| all | | {total_naive:.1f} | {total_ours:.1f} | {total_naive / total_ours:.1f}x | "
+        f"{flops_naive / flops_ours:.1f}x | | | |"
+    )
     print("\n".join(lines))
 
 

@@ -29,9 +29,10 @@ def keep_freed_memory() -> None:
     step. glibc's defaults serve blocks above a sliding threshold with mmap and return freed
     memory at the top of the heap to the kernel, so every step page-faults the same memory back
     in (zeroed by the kernel). Serving blocks up to 32 MiB from the heap and not trimming it
-    took a LoRA step on the bundled model from 28.6 to 25.2 s for four packed batches
-    (`python bench/throughput.py` measures it end to end). The resident set stays at its peak,
-    which the step reaches anyway. A no-op off glibc (macOS, musl) and on CUDA tensors.
+    took forward + backward of four packed LoRA batches on the bundled model from 29.0 to 26.6 s
+    (`python bench/throughput.py` measures training end to end). The resident set stays at its
+    peak, which training reaches anyway; a process that starts others afterwards should start
+    them first. A no-op off glibc (macOS, musl) and for CUDA memory.
     """
     if not sys.platform.startswith("linux"):
         return

@@ -246,16 +246,6 @@ def test_compiled_layers_train_like_eager_ones(method, run_config):
         assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_compile_layers_compiles_each_decoder_layer(tiny_model_dirs):
-    from multitune.runtime import compile_layers
-
-    for arch, n_layers in (("llama", 2), ("gpt2", 2)):
-        model = load_base_model(str(tiny_model_dirs[arch]))
-        assert compile_layers(model) == n_layers == model.config.num_hidden_layers
-        blocks = model.get_decoder().layers if arch == "llama" else model.transformer.h
-        assert all(b._compiled_call_impl is not None for b in blocks)
-
-
 def test_full_and_freeze_methods(run_config, tiny_model_dir):
     model = load_base_model(str(tiny_model_dir))
     _, total = count_parameters(model)

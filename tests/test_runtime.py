@@ -1,0 +1,26 @@
+"""Process settings (threads, allocator) and layer compilation."""
+
+import torch
+
+from multitune.models.base import load_base_model
+from multitune.runtime import compile_layers, keep_freed_memory, use_cores
+
+
+def test_use_cores_sets_the_threads():
+    before = torch.get_num_threads()
+    try:
+        use_cores(1)
+        assert torch.get_num_threads() == 1
+        keep_freed_memory()  # idempotent: a second call is harmless
+        x = torch.ones(4 << 20)  # 16 MiB: served from the heap now, and still correct
+        assert float(x.sum()) == 4 << 20
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compile_layers_compiles_each_decoder_layer(tiny_model_dirs):
+    for arch, n_layers in (("llama", 2), ("gpt2", 2)):
+        model = load_base_model(str(tiny_model_dirs[arch]))
+        assert compile_layers(model) == n_layers == model.config.num_hidden_layers
+        blocks = model.get_decoder().layers if arch == "llama" else model.transformer.h
+        assert all(b._compiled_call_impl is not None for b in blocks)
