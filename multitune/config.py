@@ -245,7 +245,7 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes)")
     threads: int | None = Field(None, ge=1)
-    packing: bool = Field(True, description="rows of a task end to end in max_length sequences: no padding compute")
+    packing: bool = Field(True, description="rows end to end in sequences of <= max_length: little padding compute")
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     interference_every: int | None = Field(None, ge=1, description="per-task gradient cosines every N steps")
     affinity_every: int | None = Field(None, ge=1, description="lookahead task affinity (TAG) every N steps")

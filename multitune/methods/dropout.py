@@ -1,4 +1,5 @@
-"""Dropout with a cheaper random mask, swapped in for the adapters' `nn.Dropout`.
+"""Dropout with a cheaper random mask, swapped in for a model's `nn.Dropout` layers (the
+adapters' above all) when a method is applied.
 
 LoRA-style layers drop elements of their input (tokens x d_in) before the down-projection. On a
 CPU the mask costs more than the matmul it feeds: `nn.Dropout` draws one random number per
