@@ -207,23 +207,28 @@ def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
     )
 
 
+def _assert_same_losses_either_way(run_config, method: str, option: str, steps: int) -> None:
+    """Train twice, with train.<option> on and off: the logged losses agree step by step."""
+    runs = {}
+    for value in (True, False):
+        raw = run_config(
+            method={"name": method, "rank": 4, "dropout": 0.0},
+            train={"max_steps": steps, "lr": 1e-2, "log_every": 1, option: value},
+            eval={"zero_shot": False},
+            output=str(rundir.Path(run_config()["output"]).parent / f"{option}-{value}"),
+        )
+        train(validate_config(raw))
+        runs[value] = _losses(rundir.Path(raw["output"]))
+    assert [k[:2] for k in runs[True]] == [k[:2] for k in runs[False]]
+    for (_, _, a), (_, _, b) in zip(runs[True], runs[False], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
 @pytest.mark.parametrize("method", ["lora", "moe_lora"])
 def test_packed_training_matches_padded_training(method, run_config):
     """Same rows, same steps: packing changes the layout, not the numbers (task-gated experts get
     one task per packed sequence)."""
-    runs = {}
-    for packing in (True, False):
-        raw = run_config(
-            method={"name": method, "rank": 4, "dropout": 0.0},
-            train={"max_steps": 4, "lr": 1e-2, "log_every": 1, "packing": packing},
-            eval={"zero_shot": False},
-            output=str(rundir.Path(run_config()["output"]).parent / f"packing-{packing}"),
-        )
-        train(validate_config(raw))
-        runs[packing] = _losses(rundir.Path(raw["output"]))
-    assert [k[:2] for k in runs[True]] == [k[:2] for k in runs[False]]
-    for (_, _, a), (_, _, b) in zip(runs[True], runs[False], strict=True):
-        assert a == pytest.approx(b, abs=1e-4)
+    _assert_same_losses_either_way(run_config, method, "packing", steps=4)
 
 
 @pytest.mark.slow
@@ -231,19 +236,7 @@ def test_packed_training_matches_padded_training(method, run_config):
 def test_compiled_layers_train_like_eager_ones(method, run_config):
     """train.compile: the decoder layers run compiled (dynamic shapes: packed batches change
     length every step) and give the eager losses."""
-    runs = {}
-    for compiled in (False, True):
-        raw = run_config(
-            method={"name": method, "rank": 4, "dropout": 0.0},
-            train={"max_steps": 3, "lr": 1e-2, "log_every": 1, "compile": compiled},
-            eval={"zero_shot": False},
-            output=str(rundir.Path(run_config()["output"]).parent / f"compile-{compiled}"),
-        )
-        train(validate_config(raw))
-        runs[compiled] = _losses(rundir.Path(raw["output"]))
-    assert [k[:2] for k in runs[True]] == [k[:2] for k in runs[False]]
-    for (_, _, a), (_, _, b) in zip(runs[True], runs[False], strict=True):
-        assert a == pytest.approx(b, abs=1e-4)
+    _assert_same_losses_either_way(run_config, method, "compile", steps=3)
 
 
 def test_full_and_freeze_methods(run_config, tiny_model_dir):
