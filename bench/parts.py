@@ -1,0 +1,146 @@
+"""What single training optimisations contribute, one at a time, on the batches of bench/throughput.py.
+
+- `layout`: forward + backward of the bench's four 8-row batches packed into `max_length`
+  sequences (first fit) against the sequence length `pack` chooses (fewest cells); same rows,
+  same LoRA model, alternating, 2 rounds;
+- `allocator`: the chosen layout in two fresh processes, glibc's default allocator against
+  `multitune.runtime.keep_freed_memory`;
+- `dropout`: `nn.Dropout` against `WordDropout` on a (tokens x d_in) activation of that size.
+
+    python bench/parts.py            # all three, about 6 minutes
+    python bench/parts.py --part dropout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402  (the same rows, LoRA and lengths as the throughput bench)
+
+
+def _model_and_batches(keep_memory: bool):
+    from multitune.config import validate_config
+    from multitune.methods import apply_method
+    from multitune.models.base import load_base_model
+    from multitune.runtime import keep_freed_memory
+
+    torch.set_num_threads(torch.get_num_threads())
+    if keep_memory:
+        keep_freed_memory()
+    args = argparse.Namespace(
+        model="smollm2-135m-instruct", rank=16, rows_per_task=2000, steps=4, batch=8, max_length=512, tmp="/tmp"
+    )
+    rows, tok = throughput.drawn_rows(args)
+    cfg = validate_config(throughput.run_config(args, "parts"))
+    model = apply_method(load_base_model(args.model), cfg.method, cfg.tasks).train()
+    steps = [rows[i * args.batch : (i + 1) * args.batch] for i in range(args.steps)]
+    return model, steps, tok
+
+
+def _seconds(model, batches) -> float:
+    from multitune.models.forward import target_logprobs
+
+    t0 = time.perf_counter()
+    for b in batches:
+        logp, _ = target_logprobs(model, b)
+        (-logp.mean()).backward()
+    return time.perf_counter() - t0
+
+
+def _pack(steps, tok, first_fit: bool = False):
+    from multitune.data import collate
+
+    real = collate._capacity
+    if first_fit:  # the layout before the length choice: first fit into max_length sequences
+        collate._capacity = lambda lengths, groups, limit: limit
+    try:
+        return [collate.pack(s, tok.pad_token_id, 512) for s in steps]
+    finally:
+        collate._capacity = real
+
+
+def layout() -> None:
+    model, steps, tok = _model_and_batches(keep_memory=True)
+    old, chosen = _pack(steps, tok, first_fit=True), _pack(steps, tok)
+    _seconds(model, chosen)  # warm-up
+    times = {"max_length": [], "chosen": []}
+    for _ in range(2):
+        times["max_length"].append(_seconds(model, old))
+        times["chosen"].append(_seconds(model, chosen))
+    shapes = {k: [tuple(b.input_ids.shape) for b in v] for k, v in (("max_length", old), ("chosen", chosen))}
+    for k in times:
+        cells = sum(b[0] * b[1] for b in shapes[k])
+        print(f"[layout] {k}: sequences {shapes[k]}, {cells} cells, best {min(times[k]):.1f} s")
+    print(f"[layout] speed-up {min(times['max_length']) / min(times['chosen']):.2f}x")
+
+
+def allocator() -> None:
+    out = {}
+    for keep in (False, True):
+        res = subprocess.run(
+            [sys.executable, __file__, "--child-allocator", str(int(keep))], capture_output=True, text=True, check=True
+        )
+        out[keep] = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
+        print(f"[allocator] {'keep_freed_memory' if keep else 'glibc defaults'}: best {out[keep]:.1f} s")
+    print(f"[allocator] speed-up {out[False] / out[True]:.2f}x")
+
+
+def _allocator_child(keep: bool) -> None:
+    model, steps, tok = _model_and_batches(keep_memory=keep)
+    chosen = _pack(steps, tok)
+    _seconds(model, chosen)  # warm-up
+    print(json.dumps({"seconds": min(_seconds(model, chosen) for _ in range(2))}))
+
+
+def dropout() -> None:
+    from multitune.methods.dropout import WordDropout
+    from multitune.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as in training
+    x = torch.randn(1605, 1536, requires_grad=True)  # the first step's tokens x down_proj's d_in
+    arms = {"nn.Dropout": torch.nn.Dropout(0.05).train(), "WordDropout": WordDropout(0.05).train()}
+
+    def clock(fn, n=10):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    fwd = {name: float("inf") for name in arms}
+    both = dict(fwd)
+    for _ in range(5):  # arms alternate; the best of 5 repeats
+        for name, layer in arms.items():
+            with torch.no_grad():
+                fwd[name] = min(fwd[name], clock(lambda layer=layer: layer(x)))
+            both[name] = min(both[name], clock(lambda layer=layer: layer(x).sum().backward()))
+    for name in arms:
+        print(f"[dropout] {name}: forward {fwd[name]:.1f} ms, forward + backward {both[name]:.1f} ms")
+    print(
+        f"[dropout] WordDropout speed-up: forward {fwd['nn.Dropout'] / fwd['WordDropout']:.1f}x, "
+        f"forward + backward {both['nn.Dropout'] / both['WordDropout']:.1f}x"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["layout", "allocator", "dropout"], action="append")
+    p.add_argument("--child-allocator", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_allocator is not None:
+        _allocator_child(bool(args.child_allocator))
+        return
+    for part in args.part or ["dropout", "allocator", "layout"]:
+        {"layout": layout, "allocator": allocator, "dropout": dropout}[part]()
+
+
+if __name__ == "__main__":
+    main()
