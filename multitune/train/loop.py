@@ -110,8 +110,6 @@ def train(
 
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.compile:
-        compile_layers(model)
     set_seed(cfg.train.seed)  # new weights (LoRA's A) start the same in every run of this seed
     model = apply_method(model, cfg.method, cfg.tasks)
     trainable, total = count_parameters(model)
@@ -119,6 +117,11 @@ def train(
         f"[model] {cfg.model} + {cfg.method.name}: trainable {trainable:,} of {total:,} parameters "
         f"({100 * trainable / total:.3f}%)"
     )
+    if cfg.train.compile:  # after the method: the layers hold their adapters when traced
+        n_compiled = compile_layers(model)
+        if n_compiled == 0:
+            raise MultituneError(f"train.compile: no repeated decoder layers found in {cfg.model}")
+        say(f"[model] train.compile: {n_compiled} decoder layers compiled (dynamic shapes)")
 
     l2sp = L2SP(model.named_parameters(), alpha=cfg.train.l2sp) if cfg.train.l2sp else None
     domain = DomainTerm(cfg, model.config.hidden_size) if cfg.train.domain is not None else None
