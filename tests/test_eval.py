@@ -52,9 +52,8 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(arch, tiny_mo
     prompts = [enc.prompt_ids(ex.prompt, reserve=4)[0] for ex in rows["rte"]]
     with torch.no_grad():
         shared = runner._SharedPrefix(model, prompts)
-    lead_ids = enc.prompt_ids(lead + "x", reserve=4)[0]
-    assert len(shared.tokens) >= 10 and shared.tokens == prompts[0][: len(shared.tokens)]
-    assert all(p[: len(shared.tokens)] == shared.tokens for p in prompts) and len(lead_ids) > 10
+    assert len(shared.tokens) >= 10  # the template's head and the lead-in
+    assert all(p[: len(shared.tokens)] == shared.tokens for p in prompts)
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
     with_prefix = {t.name: predict(model, enc, t, rows[t.name], batch_size=2, max_new_tokens=6) for t in cfg.tasks}
