@@ -32,7 +32,6 @@ def _model_and_batches(keep_memory: bool):
     from multitune.models.base import load_base_model
     from multitune.runtime import keep_freed_memory
 
-    torch.set_num_threads(torch.get_num_threads())
     if keep_memory:
         keep_freed_memory()
     args = argparse.Namespace(
