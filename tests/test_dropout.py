@@ -56,3 +56,18 @@ def test_apply_method_swaps_every_dropout(run_config, tiny_model_dirs):
             assert kinds and all(k is WordDropout for k in kinds)
             adapter = [m for n, m in model.named_modules() if type(m) is WordDropout and "default" in n.split(".")]
             assert adapter and all(m.p == 0.1 for m in adapter)  # the adapters' own dropout, p kept
+
+
+def test_masked_is_forward_before_the_scale():
+    x = torch.randn(16, 300)
+    layer = WordDropout(0.2).train()
+    torch.manual_seed(5)
+    full = layer(x)
+    torch.manual_seed(5)
+    kept, scale = layer.masked(x)
+    assert scale == pytest.approx(1 / 0.8)
+    assert torch.equal(kept == 0, full == 0)  # the same mask
+    assert torch.allclose(kept * scale, full, atol=1e-6, rtol=1e-6)
+    layer.eval()
+    kept, scale = layer.masked(x)
+    assert kept is x and scale == 1.0

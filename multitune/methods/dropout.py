@@ -23,11 +23,32 @@ class WordDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        return x * self._keep(x).mul_(1.0 / (1.0 - self.p))
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with the dropped elements zeroed, not yet scaled; the scale 1 / (1 - p)): a linear
+        layer that follows can fold the scale into its own multiply (see methods/lora/layer.py)."""
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        return x * self._keep(x), 1.0 / (1.0 - self.p)
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """1 where an element is kept, 0 where it is dropped, in x's dtype and shape. Written by
+        the comparison itself: a bool mask costs a conversion pass in the multiply and in its
+        backward (together, on a CPU, ten times the multiply)."""
         n = x.numel()
         words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         uniforms = words.view(torch.int16)[:n].view(x.shape)  # 4 per word, uniform on [-2^15, 2^15)
-        keep = uniforms >= round(self.p * _LEVELS) - _LEVELS // 2
-        return x * keep * (1.0 / (1.0 - self.p))
+        keep = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.ge(uniforms, round(self.p * _LEVELS) - _LEVELS // 2, out=keep)
+
+
+def drop_unscaled(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(dropout(x) without its 1 / (1 - p) scaling, that scale): for a layer that folds the scale
+    into a multiply it does anyway. Any other module is applied as it is, with scale 1."""
+    if isinstance(dropout, WordDropout):
+        return dropout.masked(x)
+    return dropout(x), 1.0
 
 
 def use_word_dropout(model: nn.Module) -> int:

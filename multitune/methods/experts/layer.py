@@ -31,6 +31,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from multitune.errors import MultituneError
+from multitune.methods.dropout import drop_unscaled
 from multitune.methods.experts.config import ExpertLayout, ExpertsConfig
 from multitune.methods.task_context import TaskContext, require_task_context, rows_for
 
@@ -195,9 +196,11 @@ class ExpertsLinear(nn.Module, BaseTunerLayer):
         return rows_for(scales, n_rows).to(device)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        if self._fusable(x, args, kwargs):
+            return self._fused_forward(x)
+        result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.experts_A:
@@ -208,6 +211,29 @@ class ExpertsLinear(nn.Module, BaseTunerLayer):
             h = h * scales.view(scales.shape[0], *([1] * (h.dim() - 2)), scales.shape[1])
             result = result + b(h).to(out_dtype)
         return result
+
+    def _fusable(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """One active adapter, plain dtypes, a plain base layer: `_fused_forward` applies."""
+        if args or kwargs or len(self.active_adapters) != 1 or self.active_adapters[0] not in self.experts_A:
+            return False
+        base, name = self.get_base_layer(), self.active_adapters[0]
+        if type(base) not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
+            return False
+        return x.dtype == base.weight.dtype == self.experts_A[name].weight.dtype == self.experts_B[name].weight.dtype
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward above with the B product accumulated into the base output by the GEMM and
+        the dropout scale folded into the row scales (see methods/lora/layer.py: on a CPU the
+        element-wise passes this saves cost more than the thin rank-R GEMM)."""
+        name = self.active_adapters[0]
+        a, b = self.experts_A[name], self.experts_B[name]
+        shape = x.shape
+        scales = self.row_scales(name, shape[0], x.device).to(x.dtype)
+        result = self.base_layer(x.reshape(-1, shape[-1]))  # 2-D and fresh: added into in place
+        dropped, keep_scale = drop_unscaled(self.experts_dropout[name], x)
+        h = a(dropped) * (scales * keep_scale).view(shape[0], *([1] * (len(shape) - 2)), scales.shape[1])
+        result.addmm_(h.reshape(-1, h.shape[-1]), b.weight.t())
+        return result.view(*shape[:-1], result.shape[-1])
 
     def task_factors(self, adapter_name: str, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_t, B_t) of gate row `row` as an ordinary LoRA: delta_t = (alpha / r) * B_t @ A_t.

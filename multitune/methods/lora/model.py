@@ -1,4 +1,5 @@
-"""LoRA, DoRA and rsLoRA through Hugging Face PEFT: this module only translates our config."""
+"""LoRA, DoRA and rsLoRA through Hugging Face PEFT: this module translates our config and gives
+the plain LoRA layers a fused forward (layer.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from multitune.config import LoraMethod
+from multitune.methods.lora.layer import fuse_lora_layers
 from multitune.methods.targets import resolve_targets
 
 
@@ -19,4 +21,6 @@ def apply_lora(model: PreTrainedModel, cfg: LoraMethod) -> PeftModel:
         use_rslora=cfg.rslora,
         use_dora=cfg.dora,
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    fuse_lora_layers(model)
+    return model
