@@ -5,9 +5,11 @@
   same LoRA model, alternating, 2 rounds;
 - `allocator`: the chosen layout in two fresh processes, glibc's default allocator against
   `multitune.runtime.keep_freed_memory`;
+- `fused`: forward + backward of the chosen layout with PEFT's LoRA forward against
+  `FusedLoraLinear` (the update added inside the GEMM), alternating batch by batch, 2 rounds;
 - `dropout`: `nn.Dropout` against `WordDropout` on a (tokens x d_in) activation of that size.
 
-    python bench/parts.py            # all three, about 6 minutes
+    python bench/parts.py            # all four, about 10 minutes
     python bench/parts.py --part dropout
 """
 
@@ -99,6 +101,28 @@ def _allocator_child(keep: bool) -> None:
     print(json.dumps({"seconds": min(_seconds(model, chosen) for _ in range(2))}))
 
 
+def fused() -> None:
+    from peft.tuners.lora.layer import Linear
+
+    from multitune.methods.lora.layer import FusedLoraLinear
+
+    model, steps, tok = _model_and_batches(keep_memory=True)
+    batches = _pack(steps, tok)
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    arms = {"PEFT forward": Linear, "FusedLoraLinear": FusedLoraLinear}
+    _seconds(model, batches[:1])  # warm-up
+    best = {name: [float("inf")] * len(batches) for name in arms}
+    for _ in range(2):
+        for i, batch in enumerate(batches):
+            for name, cls in arms.items():
+                for layer in layers:
+                    layer.__class__ = cls
+                best[name][i] = min(best[name][i], _seconds(model, [batch]))
+    for name in arms:
+        print(f"[fused] {name}: {sum(best[name]):.1f} s for the {len(batches)} batches (best per batch)")
+    print(f"[fused] speed-up {sum(best['PEFT forward']) / sum(best['FusedLoraLinear']):.2f}x")
+
+
 def dropout() -> None:
     from multitune.methods.dropout import WordDropout
     from multitune.runtime import keep_freed_memory
@@ -131,14 +155,17 @@ def dropout() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["layout", "allocator", "dropout"], action="append")
+    p.add_argument("--part", choices=list(PARTS), action="append")
     p.add_argument("--child-allocator", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_allocator is not None:
         _allocator_child(bool(args.child_allocator))
         return
-    for part in args.part or ["dropout", "allocator", "layout"]:
-        {"layout": layout, "allocator": allocator, "dropout": dropout}[part]()
+    for part in args.part or list(PARTS):
+        PARTS[part]()
+
+
+PARTS = {"dropout": dropout, "fused": fused, "allocator": allocator, "layout": layout}
 
 
 if __name__ == "__main__":
