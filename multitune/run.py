@@ -88,9 +88,11 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
 
         import multitune.methods.adapter  # noqa: F401  (registers adapter with PEFT)
         import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
+        from multitune.methods.lora.layer import fuse_lora_layers
 
         base = load_base_model(base_model_path(cfg), cfg.cache_dir)
         model = PeftModel.from_pretrained(base, str(model_dir))
+        fuse_lora_layers(model)
     else:
         model = load_base_model(str(model_dir))
     return model.eval(), tokenizer

@@ -22,7 +22,7 @@ def _model(run_config, model_dir, method: dict):
     model = apply_method(load_base_model(cfg.model), cfg.method, cfg.tasks).train()
     torch.manual_seed(1)
     with torch.no_grad():  # B starts at zero: give the update a value so that it is compared
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.05)
     return model

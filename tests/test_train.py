@@ -267,6 +267,7 @@ def test_saved_adapter_loads_in_plain_peft(run_config):
     train(cfg)
     run = rundir.Path(cfg.output)
     ours, tok = rundir.load_trained_model(run, cfg)
+    assert {type(m).__name__ for m in ours.modules() if "lora_A" in m._modules} == {"FusedLoraLinear"}
     conf = json.loads((run / "model/adapter_config.json").read_text())
     base = load_base_model(conf["base_model_name_or_path"])
     plain = PeftModel.from_pretrained(base, str(run / "model")).eval()
@@ -274,7 +275,7 @@ def test_saved_adapter_loads_in_plain_peft(run_config):
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
         base_logits = load_base_model(conf["base_model_name_or_path"])(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(a, b, atol=1e-5)  # the fused forward: the same sum, rounded differently
     assert not torch.allclose(a, base_logits, atol=1e-4), "the adapter changed the model"
 
 
