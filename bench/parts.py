@@ -7,7 +7,9 @@
   `multitune.runtime.keep_freed_memory`;
 - `fused`: forward + backward of the chosen layout with PEFT's LoRA forward against
   `FusedLoraLinear` (the update added inside the GEMM), alternating batch by batch, 2 rounds;
-- `dropout`: `nn.Dropout` against `WordDropout` on a (tokens x d_in) activation of that size.
+- `dropout`: `nn.Dropout` against `WordDropout` on a (tokens x d_in) activation of that size;
+- `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
+  matmuls, attention, dropout's random words, the rest.
 
     python bench/parts.py            # all four, about 10 minutes
     python bench/parts.py --part dropout
@@ -123,6 +125,29 @@ def fused() -> None:
     print(f"[fused] speed-up {sum(best['PEFT forward']) / sum(best['FusedLoraLinear']):.2f}x")
 
 
+def profile() -> None:
+    from torch.profiler import profile as torch_profile
+
+    model, steps, tok = _model_and_batches(keep_memory=True)
+    batch = _pack(steps, tok)[:1]
+    _seconds(model, batch)  # warm-up
+    with torch_profile() as prof:
+        _seconds(model, batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {
+        "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"),
+        "attention": tuple(f"aten::_scaled_dot_product_flash_attention_for_cpu{s}" for s in ("", "_backward")),
+        "dropout random words": ("aten::random_",),
+    }
+    shape = tuple(batch[0].input_ids.shape)
+    for name, ops in groups.items():
+        part = sum(e.self_cpu_time_total for e in events if e.key in ops)
+        print(f"[profile] {name}: {100 * part / total:.1f}% of a {shape[0]} x {shape[1]} step")
+    covered = sum(e.self_cpu_time_total for e in events if any(e.key in ops for ops in groups.values()))
+    print(f"[profile] the rest (element-wise, copies, autograd): {100 * (total - covered) / total:.1f}%")
+
+
 def dropout() -> None:
     from multitune.methods.dropout import WordDropout
     from multitune.runtime import keep_freed_memory
@@ -165,7 +190,7 @@ def main() -> None:
         PARTS[part]()
 
 
-PARTS = {"dropout": dropout, "fused": fused, "allocator": allocator, "layout": layout}
+PARTS = {"dropout": dropout, "fused": fused, "profile": profile, "allocator": allocator, "layout": layout}
 
 
 if __name__ == "__main__":
