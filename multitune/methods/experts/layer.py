@@ -33,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from multitune.errors import MultituneError
 from multitune.methods.dropout import drop_unscaled
 from multitune.methods.experts.config import ExpertLayout, ExpertsConfig
+from multitune.methods.lora.layer import plain_inputs
 from multitune.methods.task_context import TaskContext, require_task_context, rows_for
 
 
@@ -216,10 +217,8 @@ class ExpertsLinear(nn.Module, BaseTunerLayer):
         """One active adapter, plain dtypes, a plain base layer: `_fused_forward` applies."""
         if args or kwargs or len(self.active_adapters) != 1 or self.active_adapters[0] not in self.experts_A:
             return False
-        base, name = self.get_base_layer(), self.active_adapters[0]
-        if type(base) not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
-            return False
-        return x.dtype == base.weight.dtype == self.experts_A[name].weight.dtype == self.experts_B[name].weight.dtype
+        name = self.active_adapters[0]
+        return plain_inputs(x, self.get_base_layer(), self.experts_A[name].weight, self.experts_B[name].weight)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward above with the B product accumulated into the base output by the GEMM and

@@ -46,10 +46,15 @@ class FusedLoraLinear(Linear):
         name = self.active_adapters[0]
         if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
             return None
-        if type(self.base_layer) not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
-            return None
-        dtypes = {x.dtype, self.lora_A[name].weight.dtype, self.lora_B[name].weight.dtype, self.base_layer.weight.dtype}
-        return name if len(dtypes) == 1 else None
+        return name if plain_inputs(x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight) else None
+
+
+def plain_inputs(x: torch.Tensor, base_layer: nn.Module, *weights: torch.Tensor) -> bool:
+    """What a fused forward needs (the experts' too): a base layer whose output is a fresh tensor
+    to add into, no autocast, and one dtype throughout."""
+    if type(base_layer) not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
+        return False
+    return len({x.dtype, base_layer.weight.dtype, *(w.dtype for w in weights)}) == 1
 
 
 def fuse_lora_layers(model: nn.Module) -> int:
