@@ -11,7 +11,7 @@
 - `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
   matmuls, attention, dropout's random words, the rest.
 
-    python bench/parts.py            # all four, about 10 minutes
+    python bench/parts.py            # all five parts
     python bench/parts.py --part dropout
 """
 
