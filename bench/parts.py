@@ -7,11 +7,15 @@
   `multitune.runtime.keep_freed_memory`;
 - `fused`: forward + backward of the chosen layout with PEFT's LoRA forward against
   `FusedLoraLinear` (the update added inside the GEMM), alternating batch by batch, 2 rounds;
-- `dropout`: `nn.Dropout` against `WordDropout` on a (tokens x d_in) activation of that size;
+- `dropout`: `nn.Dropout` against `WordDropout` on a (tokens x d_in) activation of that size, and
+  the random words of one mask from torch's CPU generator against `random_words`;
+- `attention`: forward + backward of the chosen layout with transformers' "sdpa" attention
+  (key/value heads repeated) against `multitune_sdpa` (grouped heads to the kernel), alternating
+  batch by batch, 2 rounds;
 - `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
   matmuls, attention, dropout's random words, the rest.
 
-    python bench/parts.py            # all five parts
+    python bench/parts.py            # all six parts
     python bench/parts.py --part dropout
 """
 
@@ -125,6 +129,25 @@ def fused() -> None:
     print(f"[fused] speed-up {sum(best['PEFT forward']) / sum(best['FusedLoraLinear']):.2f}x")
 
 
+def attention() -> None:
+    from multitune.models.attention import NAME
+
+    model, steps, tok = _model_and_batches(keep_memory=True)
+    batches = _pack(steps, tok)
+    arms = {"transformers sdpa (repeat_kv)": "sdpa", "grouped sdpa": NAME}
+    _seconds(model, batches[:1])  # warm-up
+    best = {name: [float("inf")] * len(batches) for name in arms}
+    for _ in range(2):
+        for i, batch in enumerate(batches):
+            for name, implementation in arms.items():
+                model.set_attn_implementation(implementation)
+                best[name][i] = min(best[name][i], _seconds(model, [batch]))
+    for name in arms:
+        print(f"[attention] {name}: {sum(best[name]):.1f} s for the {len(batches)} batches (best per batch)")
+    first, second = (sum(best[name]) for name in arms)
+    print(f"[attention] speed-up {first / second:.2f}x")
+
+
 def profile() -> None:
     from torch.profiler import profile as torch_profile
 
@@ -138,7 +161,7 @@ def profile() -> None:
     groups = {
         "matmul": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"),
         "attention": tuple(f"aten::_scaled_dot_product_flash_attention_for_cpu{s}" for s in ("", "_backward")),
-        "dropout random words": ("aten::random_",),
+        "dropout random words": ("aten::random_", "random_words"),
     }
     shape = tuple(batch[0].input_ids.shape)
     for name, ops in groups.items():
@@ -149,7 +172,7 @@ def profile() -> None:
 
 
 def dropout() -> None:
-    from multitune.methods.dropout import WordDropout
+    from multitune.methods.dropout import WordDropout, random_words
     from multitune.runtime import keep_freed_memory
 
     keep_freed_memory()  # as in training
@@ -176,6 +199,14 @@ def dropout() -> None:
         f"[dropout] WordDropout speed-up: forward {fwd['nn.Dropout'] / fwd['WordDropout']:.1f}x, "
         f"forward + backward {both['nn.Dropout'] / both['WordDropout']:.1f}x"
     )
+    count = 1605 * 576 // 4  # the words of one mask on a d_in = 576 input
+    generators = {
+        "torch (mt19937)": lambda: torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64),
+        "random_words (SFC64)": lambda: random_words(count, x.device),
+    }
+    best = {name: min(clock(fn, 50) for _ in range(5)) for name, fn in generators.items()}
+    for name, ms in best.items():
+        print(f"[dropout] {count} random words, {name}: {ms:.2f} ms")
 
 
 def main() -> None:
@@ -190,7 +221,14 @@ def main() -> None:
         PARTS[part]()
 
 
-PARTS = {"dropout": dropout, "fused": fused, "profile": profile, "allocator": allocator, "layout": layout}
+PARTS = {
+    "dropout": dropout,
+    "fused": fused,
+    "attention": attention,
+    "profile": profile,
+    "allocator": allocator,
+    "layout": layout,
+}
 
 
 if __name__ == "__main__":

@@ -154,11 +154,18 @@ def useful_flops(rows, config) -> float:
 def hf_trainer_arm(args, rows, tokenizer) -> dict:
     """What a user writes: Trainer + PEFT LoRA + the padding collator."""
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from multitune.models.base import load_base_model
+    from multitune.models.base import resolve_model_dir
 
-    model = load_base_model(args.model)
+    # from_pretrained as a user calls it (multitune's loader would switch the attention function)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=torch.float32)
     peft_cfg = LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
     )

@@ -71,3 +71,18 @@ def test_masked_is_forward_before_the_scale():
     layer.eval()
     kept, scale = layer.masked(x)
     assert kept is x and scale == 1.0
+
+
+def test_odd_sizes_and_seeded_by_torch():
+    layer = WordDropout(0.3).train()
+    x = torch.ones(7, 13)  # 91 elements: the last word only partly used
+    torch.manual_seed(11)
+    a = layer(x)
+    torch.manual_seed(11)
+    assert torch.equal(layer(x), a) and a.shape == (7, 13)
+    torch.manual_seed(12)
+    assert not torch.equal(layer(torch.ones(64, 64)), layer(torch.ones(64, 64)))
+    torch.manual_seed(11)
+    b = layer(torch.ones(64, 64))
+    torch.manual_seed(12)
+    assert not torch.equal(layer(torch.ones(64, 64)), b)  # another torch seed, another mask

