@@ -13,7 +13,8 @@
   (key/value heads repeated) against `multitune_sdpa` (grouped heads to the kernel), alternating
   batch by batch, 2 rounds;
 - `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
-  matmuls, attention, dropout's random words, the rest.
+  matmuls, attention, dropout's random words, the rest; and the GFLOP/s of the model's GEMMs and
+  of the rank-16 LoRA products against the matmul peak measured in the same run.
 
     python bench/parts.py            # all six parts
     python bench/parts.py --part dropout
@@ -154,7 +155,7 @@ def profile() -> None:
     model, steps, tok = _model_and_batches(keep_memory=True)
     batch = _pack(steps, tok)[:1]
     _seconds(model, batch)  # warm-up
-    with torch_profile() as prof:
+    with torch_profile(record_shapes=True) as prof:
         _seconds(model, batch)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
@@ -169,6 +170,17 @@ def profile() -> None:
         print(f"[profile] {name}: {100 * part / total:.1f}% of a {shape[0]} x {shape[1]} step")
     covered = sum(e.self_cpu_time_total for e in events if any(e.key in ops for ops in groups.values()))
     print(f"[profile] the rest (element-wise, copies, autograd): {100 * (total - covered) / total:.1f}%")
+    # the rate of the 2-D matmuls: the model's own GEMMs against the LoRA products (one side = rank)
+    rates = {"model GEMMs": [0.0, 0.0], "rank-16 LoRA products": [0.0, 0.0]}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ("aten::mm", "aten::addmm_") and e.self_cpu_time_total:
+            (m, k), (_, n) = e.input_shapes[0 if e.key == "aten::mm" else 1 :][:2]
+            kind = "rank-16 LoRA products" if 16 in (m, k, n) else "model GEMMs"
+            rates[kind][0] += 2 * m * k * n * e.count
+            rates[kind][1] += e.self_cpu_time_total / 1e6
+    for kind, (flop, seconds) in rates.items():
+        print(f"[profile] {kind}: {flop / seconds / 1e9:.1f} GFLOP/s, {100 * seconds * 1e6 / total:.1f}% of the step")
+    print(f"[profile] matmul peak measured now: {throughput.matmul_peak_gflops():.1f} GFLOP/s")
 
 
 def dropout() -> None:

@@ -24,7 +24,7 @@ matmul peak measured at start. Useful work per row of n tokens with t target tok
 attention, forward and backward) + 4 d V t (LM head where a loss exists); the same rows cost the
 same useful FLOPs in every arm, so the GFLOP/s ratio is the speed ratio.
 
-    python bench/throughput.py --quick     # a few minutes
+    python bench/throughput.py --quick     # hf-trainer and multitune only (8 minutes on a 2-core CPU)
     python bench/throughput.py             # the README's table
 """
 
@@ -254,20 +254,23 @@ ARMS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps (a few minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="hf-trainer and multitune only, 1 round of 3 steps after the warm-up"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per arm and round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--rows-per-task", type=int, default=2000)
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), help="default: all (--quick: the first two)")
     p.add_argument("--json", help="also write the medians here")
     p.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)  # one round of one arm, prints peak RSS
     p.add_argument("--memory-only", action="store_true", help="only the peak RSS of each arm (fresh processes)")
     args = p.parse_args()
     if args.quick:
-        args.rounds, args.steps = 2, 3
+        args.rounds, args.steps = 1, 3
+    args.arms = args.arms or list(ARMS)[: 2 if args.quick else None]
     from transformers import AutoConfig
 
     from multitune.models.base import resolve_model_dir

@@ -10,7 +10,7 @@ probability within 2^-17 of p. Kept elements are scaled by 1 / (1 - p) as in `nn
 
 On a CPU the words come from numpy's SFC64 generator, seeded by one draw from torch's
 generator, so `torch.manual_seed` still fixes every mask: torch's CPU generator (mt19937) took
-1.67 ms for the 231,120 words of one 1,605 x 576 mask, SFC64 0.75 ms (`bench/parts.py --part
+1.36 ms for the 231,120 words of one 1,605 x 576 mask, SFC64 0.92 ms (`bench/parts.py --part
 dropout`). Elsewhere torch draws them (Philox on CUDA, fast already).
 """
 
