@@ -108,45 +108,48 @@ def _allocator_child(keep: bool) -> None:
     print(json.dumps({"seconds": min(_seconds(model, chosen) for _ in range(2))}))
 
 
+def _alternate(part: str, model, batches, arms: dict) -> None:
+    """Forward + backward of each batch under each arm ({name: function that switches the model to
+    it}), alternating batch by batch, 2 rounds; prints the best time per batch summed, and the
+    speed-up of the second arm over the first."""
+    _seconds(model, batches[:1])  # warm-up
+    best = {name: [float("inf")] * len(batches) for name in arms}
+    for _ in range(2):
+        for i, batch in enumerate(batches):
+            for name, switch in arms.items():
+                switch()
+                best[name][i] = min(best[name][i], _seconds(model, [batch]))
+    for name in arms:
+        print(f"[{part}] {name}: {sum(best[name]):.1f} s for the {len(batches)} batches (best per batch)")
+    first, second = (sum(best[name]) for name in arms)
+    print(f"[{part}] speed-up {first / second:.2f}x")
+
+
 def fused() -> None:
     from peft.tuners.lora.layer import Linear
 
     from multitune.methods.lora.layer import FusedLoraLinear
 
     model, steps, tok = _model_and_batches(keep_memory=True)
-    batches = _pack(steps, tok)
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    arms = {"PEFT forward": Linear, "FusedLoraLinear": FusedLoraLinear}
-    _seconds(model, batches[:1])  # warm-up
-    best = {name: [float("inf")] * len(batches) for name in arms}
-    for _ in range(2):
-        for i, batch in enumerate(batches):
-            for name, cls in arms.items():
-                for layer in layers:
-                    layer.__class__ = cls
-                best[name][i] = min(best[name][i], _seconds(model, [batch]))
-    for name in arms:
-        print(f"[fused] {name}: {sum(best[name]):.1f} s for the {len(batches)} batches (best per batch)")
-    print(f"[fused] speed-up {sum(best['PEFT forward']) / sum(best['FusedLoraLinear']):.2f}x")
+
+    def use(cls):
+        for layer in layers:
+            layer.__class__ = cls
+
+    arms = {"PEFT forward": lambda: use(Linear), "FusedLoraLinear": lambda: use(FusedLoraLinear)}
+    _alternate("fused", model, _pack(steps, tok), arms)
 
 
 def attention() -> None:
     from multitune.models.attention import NAME
 
     model, steps, tok = _model_and_batches(keep_memory=True)
-    batches = _pack(steps, tok)
-    arms = {"transformers sdpa (repeat_kv)": "sdpa", "grouped sdpa": NAME}
-    _seconds(model, batches[:1])  # warm-up
-    best = {name: [float("inf")] * len(batches) for name in arms}
-    for _ in range(2):
-        for i, batch in enumerate(batches):
-            for name, implementation in arms.items():
-                model.set_attn_implementation(implementation)
-                best[name][i] = min(best[name][i], _seconds(model, [batch]))
-    for name in arms:
-        print(f"[attention] {name}: {sum(best[name]):.1f} s for the {len(batches)} batches (best per batch)")
-    first, second = (sum(best[name]) for name in arms)
-    print(f"[attention] speed-up {first / second:.2f}x")
+    arms = {
+        "transformers sdpa (repeat_kv)": lambda: model.set_attn_implementation("sdpa"),
+        "grouped sdpa": lambda: model.set_attn_implementation(NAME),
+    }
+    _alternate("attention", model, _pack(steps, tok), arms)
 
 
 def profile() -> None:
