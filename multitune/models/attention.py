@@ -5,8 +5,9 @@ transformers' "sdpa" attention copies each key/value head num_heads / num_kv_hea
 CUDA's kernels fall back to the slow math path for grouped heads with a mask. PyTorch's CPU
 flash-attention kernel takes grouped heads with a mask (`enable_gqa=True`), so on a CPU the copy,
 and the sum over copies its backward adds, is pure cost: forward + backward of SmolLM2-135M (9
-query heads, 3 key/value heads) on the training bench's four packed batches, 48.3 -> 46.8 s
-(`bench/parts.py --part attention`). Everything else (CUDA, decoding steps, position bias,
+query heads, 3 key/value heads) on the training bench's four packed batches, 1.03x, 0.99x and
+1.05x in three runs of `bench/parts.py --part attention` (a few percent, near that machine's
+noise). Everything else (CUDA, decoding steps, position bias,
 soft-capping) is transformers' own function.
 """
 
