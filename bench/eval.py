@@ -3,9 +3,9 @@
 Naive is what one writes first: one example at a time; a classification row costs one full
 forward of prompt + label per label (log-likelihood of the label tokens); generation and QA call
 `model.generate` on one prompt at a time (greedy, KV cache). multitune's evaluator runs the
-prompt prefix every row shares (chat template, task lead-in) once per task, each prompt once
-for all labels of a batch of rows (its KV cache repeated per label), and generates for a batch
-of prompts at once. Both produce predictions that go through the same `score`
+prompt prefix every row shares (chat template, task lead-in) once per task, prompts grouped by
+token length, each prompt once and then all its labels' tokens in one forward on its KV cache,
+and generates for a batch of prompts at once. Both produce predictions that go through the same `score`
 function; the table shows both metrics and whether every prediction is the same, and the
 ratio of the matmul work the two do (`work`): the speed-up each would show at equal efficiency.
 
@@ -99,7 +99,7 @@ def naive_predict(model, encoder, task, examples, max_new_tokens: int) -> list[d
     return out
 
 
-def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int) -> tuple[float, float]:
+def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int) -> tuple[float, float, float]:
     """Matmul FLOPs of the naive loop and of multitune's evaluator on these rows (weights and LM
     head; attention left out): their ratio is the speed-up both would show at the same matmul
     efficiency, so what exceeds it is batching, and what falls short of 5x is bounded here.
@@ -107,10 +107,14 @@ def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int)
     Per token: 2 N (N = decoder weights) + 2 d V where logits are computed. Naive: every label
     is a full forward of prompt + label with logits at every position; generation is one prompt
     plus one step per generated token. Ours: the shared prefix once, each prompt's own tokens
-    once (logits at its last position), W - 1 label tokens per label with logits; generation
-    runs each batch for as many steps as its longest answer.
+    once (logits at its last position), n - 1 tokens with logits per label of n tokens;
+    generation runs each batch for as many steps as its longest answer. Padding is not counted;
+    the third value is the share of padding in our prompt pass (the evaluator's batches).
     """
-    from multitune.evaluate.runner import _SharedPrefix
+    from multitune.evaluate.runner import _SharedPrefix, length_batches
+
+    def padding(own: list[int], batches: list[list[int]]) -> float:
+        return 1 - sum(own) / sum(len(b) * max(own[i] for i in b) for b in batches)
 
     c = model.config
     d, inter, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
@@ -118,25 +122,27 @@ def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int)
     head = 2 * d * c.vocab_size
     if task.kind == "classification":
         labels = [len(encoder.target_ids(label)) for label in task.labels]
-        width = max(labels)
-        prompts = [encoder.prompt_ids(ex.prompt, reserve=width)[0] for ex in examples]
+        prompts = [encoder.prompt_ids(ex.prompt, reserve=max(labels))[0] for ex in examples]
         with torch.no_grad():
             prefix = len(_SharedPrefix(model, prompts).tokens)
         naive = sum((len(p) + n) * (body + head) for p in prompts for n in labels)
         ours = prefix * body + sum((len(p) - prefix) * body + head for p in prompts)
-        ours += len(prompts) * len(labels) * (width - 1) * (body + head)
-        return naive, ours
+        ours += len(prompts) * sum(n - 1 for n in labels) * (body + head)
+        own = [len(p) - prefix for p in prompts]
+        return naive, ours, padding(own, length_batches(own, batch))
     prompts = [encoder.prompt_ids(ex.prompt, reserve=max_new_tokens)[0] for ex in examples]
     with torch.no_grad():
         prefix = len(_SharedPrefix(model, prompts).tokens)
     steps = [min(len(encoder.tok(x["prediction"]).input_ids) + 1, max_new_tokens) for x in preds]
     naive = sum(len(p) * body + head + g * (body + head) for p, g in zip(prompts, steps, strict=True))
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))  # predict's batches
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # the decoding batches
     ours = prefix * body + sum((len(p) - prefix) * body + head for p in prompts)
+    own, groups = [len(p) - prefix for p in prompts], []
     for start in range(0, len(order), batch):
         members = order[start : start + batch]
         ours += len(members) * max(steps[i] for i in members) * (body + head)
-    return naive, ours
+        groups += [[members[i] for i in g] for g in length_batches([own[i] for i in members], len(members))]
+    return naive, ours, padding(own, groups)
 
 
 def main() -> None:
@@ -166,9 +172,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"[bench] {args.model} on {device}, eval batch {args.batch}")
     lines = [
-        "| task | rows | naive s | multitune s | speed-up | FLOP ratio | naive metric | multitune metric "
-        "| same predictions |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | rows | naive s | multitune s | speed-up | FLOP ratio | prompt padding | naive metric "
+        "| multitune metric | same predictions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     total_naive = total_ours = flops_naive = flops_ours = 0.0
     for task in cfg.tasks:
@@ -183,15 +189,16 @@ def main() -> None:
         m_naive, m_ours = score(task, examples, naive)[metric], score(task, examples, ours)[metric]
         same = sum(a["prediction"] == b["prediction"] for a, b in zip(naive, ours, strict=True))
         total_naive, total_ours = total_naive + t1 - t0, total_ours + t2 - t1
-        f_naive, f_ours = work(model, encoder, task, examples, naive, args.batch, cfg.eval.max_new_tokens)
+        f_naive, f_ours, pad = work(model, encoder, task, examples, naive, args.batch, cfg.eval.max_new_tokens)
         flops_naive, flops_ours = flops_naive + f_naive, flops_ours + f_ours
         lines.append(
             f"| {task.name} | {len(examples)} | {t1 - t0:.1f} | {t2 - t1:.1f} | {(t1 - t0) / (t2 - t1):.1f}x | "
-            f"{f_naive / f_ours:.1f}x | {metric} {m_naive:.1f} | {metric} {m_ours:.1f} | {same}/{len(examples)} |"
+            f"{f_naive / f_ours:.1f}x | {pad:.0%} | {metric} {m_naive:.1f} | {metric} {m_ours:.1f} | "
+            f"{same}/{len(examples)} |"
         )
     lines.append(
         f"| all | | {total_naive:.1f} | {total_ours:.1f} | {total_naive / total_ours:.1f}x | "
-        f"{flops_naive / flops_ours:.1f}x | | | |"
+        f"{flops_naive / flops_ours:.1f}x | | | | |"
     )
     print("\n".join(lines))
 

@@ -12,7 +12,7 @@ from multitune.config import validate_config
 from multitune.data.collate import collate
 from multitune.data.encode import IGNORE, Encoded
 from multitune.data.sources import Example, load_split
-from multitune.evaluate.runner import evaluate, predict, score
+from multitune.evaluate.runner import evaluate, length_batches, predict, score
 from multitune.models.base import load_base_model, load_tokenizer
 from multitune.models.forward import target_logprobs
 
@@ -67,6 +67,36 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(arch, tiny_mo
         assert a["prediction"] == b["prediction"]
         for label, value in a["scores"].items():
             assert value == pytest.approx(b["scores"][label], abs=1e-4)
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    head, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[head], *part]
+        for k in range(len(part)):
+            yield [*part[:k], [head, *part[k]], *part[k + 1 :]]
+
+
+def test_length_batches_pad_least_of_all_groupings():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 60, (7,), generator=gen).tolist()
+        for max_rows, per_batch in ((3, 0), (3, 10), (7, 25)):
+            batches = length_batches(lengths, max_rows, per_batch)
+            assert sorted(i for b in batches for i in b) == list(range(7))  # every row once
+            assert all(len(b) <= max_rows for b in batches)
+            assert batches[0][0] == max(range(7), key=lambda i: lengths[i])  # longest batch first
+
+            def cost(groups, per_batch=per_batch):
+                return sum(len(g) * max(lengths[i] for i in g) + per_batch for g in groups)
+
+            best = min(cost(g) for g in _partitions(list(range(7))) if all(len(b) <= max_rows for b in g))
+            assert cost(batches) == best
+    assert length_batches([5, 9, 7], 16) == [[1, 2, 0]]  # few rows: one batch, longest first
+    assert length_batches([], 4) == []
 
 
 def test_score_uses_the_right_metrics():
@@ -140,6 +170,45 @@ def test_generation_predictions_are_strings(run_config):
     # batched greedy decoding equals decoding each row alone
     alone = [predict(model, enc, cfg.task("squad"), [r], batch_size=1, max_new_tokens=5)[0] for r in rows]
     assert alone == preds
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_prompts_of_a_decoding_batch_run_in_length_groups_and_decode_as_alone(arch, tiny_model_dirs, run_config):
+    from multitune.evaluate import runner
+
+    squad = {
+        **task_squad(2, 8),
+        "prompt": "Answer from the text below, with a span of it.\n{{ context }}\nQ: {{ question }}",
+    }
+    raw = run_config(model=str(tiny_model_dirs[arch]), tasks=[squad], train={"max_length": 1024})
+    cfg = validate_config(raw)
+    model = load_base_model(cfg.model).eval()
+    enc = rundir.make_encoder(cfg, load_tokenizer(cfg.model))
+    task, rows = cfg.task("squad"), load_split(cfg.task("squad"), "dev", limit=8)
+    prompts = [enc.prompt_ids(ex.prompt, reserve=4)[0] for ex in rows]
+    assert len(length_batches([len(p) for p in prompts], 8)) >= 2  # the prompt pass is split
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    together = predict(model, enc, task, rows, batch_size=8, max_new_tokens=4)
+    hook.remove()
+    prompt_passes = [shape for shape in calls if shape[1] > 1]
+    with torch.no_grad():
+        shared = runner._SharedPrefix(model, prompts)
+    assert prompt_passes[0] == (1, len(shared.tokens)) and len(shared.tokens) >= 10  # the shared prefix once
+    assert len(prompt_passes) >= 3 and sum(shape[0] for shape in prompt_passes[1:]) == 8  # then the groups
+    assert calls[len(prompt_passes)][0] == 8  # all rows decode together
+    alone = [predict(model, enc, task, [r], batch_size=1, max_new_tokens=4)[0] for r in rows]
+    assert together == alone
+    with torch.no_grad():
+        ids, mask, cache = runner._prefill(model, shared, prompts, enc.tok.pad_token_id)
+        assert cache.get_seq_length() == ids.shape[1] - 1 == mask.shape[1] - 1
+        positions = (mask.cumsum(-1) - 1)[:, -1:]
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1]
+        alone = torch.cat([model(input_ids=torch.tensor([p])).logits[:, -1] for p in prompts])
+    for i, p in enumerate(prompts):  # each row: left padding, then its prompt (the prefix's padding inside)
+        assert ids[i][mask[i].bool()].tolist() == p
+    assert (alone[1:] - alone[:1]).abs().amax() > 1e-2  # rows differ: the next check can tell them apart
+    torch.testing.assert_close(step, alone, atol=1e-4, rtol=1e-4)  # the stacked cache is each row's own
 
 
 def test_eval_and_predict_commands(run_config, tmp_path, capsys):

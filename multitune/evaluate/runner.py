@@ -1,9 +1,12 @@
 """Per-task predictions and metrics. The same code scores the base model (zero-shot) and a
 fine-tuned run, so "before vs after" is one table.
 
-- classification: each label's log-likelihood as a continuation of the prompt; all labels of a
-  group of rows go through one batched forward (rows x labels sequences), never one per label;
+- classification: each label's log-likelihood as a continuation of the prompt; a batch of
+  prompts runs once, then all labels' tokens in one forward on its KV cache, never one
+  forward per label;
 - extractive QA and generation: batched greedy decoding with the KV cache;
+
+Rows are batched by token length (`length_batches`) and a prefix all prompts share runs once.
 - text: perplexity of the text under the model.
 """
 
@@ -15,6 +18,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from multitune.config import RunConfig, TaskConfig
 from multitune.data.collate import collate
@@ -46,24 +52,46 @@ def predict(
     model.eval()
     tid = encoder.task_ids[task.name] if task_id is None else task_id
     # one id for the whole call: every row is of this task, and layers repeat it to the batch size
-    # longest first, so each batch holds prompts of similar length (little padding); the
-    # predictions go back in the caller's order
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
-    ordered = [examples[i] for i in order]
     try:
         with task_context(torch.tensor([tid])):
             if task.kind == "classification":
-                preds = _classify(model, encoder, task, ordered, batch_size)
-            elif task.kind == "text":
-                preds = text_nll(model, encoder, ordered, batch_size)
-            else:
-                preds = _generate(model, encoder, ordered, batch_size, max_new_tokens)
+                return _classify(model, encoder, task, examples, batch_size)
+            if task.kind == "text":
+                return text_nll(model, encoder, examples, batch_size)
+            return _generate(model, encoder, examples, batch_size, max_new_tokens)
     finally:
         model.train(was_training)
-    out: list[dict] = [{}] * len(examples)
-    for i, pred in zip(order, preds, strict=True):
-        out[i] = pred
-    return out
+
+
+# What one more batch is charged, in padded token cells: it keeps batches from splitting into
+# single rows for a few cells (smaller matmuls run at a lower rate) and is small next to a batch
+# of 16 prompts of ~100 tokens. `bench/eval.py` prints the padding it leaves.
+BATCH_CELLS = 64
+
+
+def length_batches(lengths: list[int], max_rows: int, batch_cells: int = BATCH_CELLS) -> list[list[int]]:
+    """Row indices grouped into batches of at most `max_rows` rows with the least padding.
+
+    Rows sorted by length, longest first, are cut where the total of padded cells (rows x the
+    longest row of the batch) plus `batch_cells` per batch is smallest (dynamic programming
+    over the cut points; contiguous runs of the sorted rows are optimal for this cost). Fixed
+    batches of `max_rows` padded 17-23% of the cells on the eval bench's tasks, whose prompt
+    lengths spread widely.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0] + [math.inf] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + (j - i) * lengths[order[i]] + batch_cells
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches = []
+    while n:
+        batches.append(order[cut[n] : n])
+        n = cut[n]
+    return batches[::-1]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -83,7 +111,6 @@ class _Prompts:
     attention_mask: torch.Tensor  # (B, P + T)
     position_ids: torch.Tensor  # (B, T)
     cache: object | None  # the shared prefix's cache repeated to B rows (None: no shared prefix)
-    prefix: list[int]
 
 
 class _SharedPrefix:
@@ -112,31 +139,71 @@ class _SharedPrefix:
         if self.cache is not None:
             cache = copy.deepcopy(self.cache)
             cache.batch_repeat_interleave(len(prompts))
-        return _Prompts(own.input_ids, mask, own.position_ids + n, cache, self.tokens)
+        return _Prompts(own.input_ids, mask, own.position_ids + n, cache)
+
+
+class _LabelTree:
+    """All labels of a classification task as one continuation of a prompt.
+
+    Label j's tokens 0..n_j-2 are fed side by side after the prompt, each attending to the
+    prompt and to the tokens of its own label before it (a tree of branches, one 4D mask), so a
+    batch of rows scores every label in one forward of sum(n_j - 1) tokens per row, with no copy
+    of the prompt's KV cache per label and a logit only where a label token is predicted.
+    Token 0 of every label is predicted by the prompt's last logit.
+    """
+
+    def __init__(self, label_ids: list[list[int]], device: torch.device):
+        self.first = torch.tensor([ids[0] for ids in label_ids], device=device)  # (L,)
+        fed = [(j, t) for j, ids in enumerate(label_ids) for t in range(len(ids) - 1)]
+        self.ids = torch.tensor([label_ids[j][t] for j, t in fed], dtype=torch.long, device=device)  # (F,)
+        self.targets = torch.tensor([label_ids[j][t + 1] for j, t in fed], dtype=torch.long, device=device)
+        self.owner = torch.tensor([j for j, _ in fed], dtype=torch.long, device=device)
+        self.offsets = torch.tensor([t + 1 for _, t in fed], dtype=torch.long, device=device)
+        same = self.owner[:, None] == self.owner[None, :]
+        self.block = same & (self.offsets[None, :] <= self.offsets[:, None])  # (F, F): own label, causal
+        self.n_labels = len(label_ids)
+
+    def score_first(self, last_logits: torch.Tensor) -> torch.Tensor:
+        """(B, L): log p of each label's first token from the prompt's last logits (B, V)."""
+        return torch.log_softmax(last_logits.float(), dim=-1)[:, self.first]
+
+    def inputs(self, prompt_mask: torch.Tensor, last_position: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Model inputs of the branches after a batch of prompts already in the cache."""
+        b, n = prompt_mask.shape[0], self.ids.shape[0]
+        allowed = torch.cat(
+            [prompt_mask.bool()[:, None, None, :].expand(b, 1, n, -1), self.block.expand(b, 1, n, n)], dim=-1
+        )
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)  # additive: sdpa and eager read it alike
+        return {
+            "input_ids": self.ids.expand(b, -1),
+            "attention_mask": mask,
+            "position_ids": last_position[:, None] + self.offsets[None, :],
+        }
+
+    def score_rest(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, L): summed log p of each label's tokens 1.. from the branches' logits (B, F, V)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tok = logp.gather(2, self.targets.expand(logits.shape[0], -1)[..., None])[..., 0]  # (B, F)
+        return torch.zeros(logits.shape[0], self.n_labels, device=logits.device).index_add_(1, self.owner, tok)
 
 
 def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -> list[dict]:
     """Score every label as a continuation of each prompt.
 
-    The prompt goes through the model once (its shared prefix once per call); its KV cache is
-    then repeated for the labels, so a row costs one prompt forward plus a few label tokens, not
-    one full forward per label. The last label token is never fed in: nothing predicts after it.
+    The prompt goes through the model once (its shared prefix once per call), then all labels'
+    remaining tokens in one forward on its KV cache (`_LabelTree`): a row costs one prompt
+    forward plus sum(n_j - 1) label tokens, not one full forward per label.
     """
     label_ids = [encoder.target_ids(label) for label in task.labels]
-    n_labels, width = len(label_ids), max(len(ids) for ids in label_ids)
+    width = max(len(ids) for ids in label_ids)
     device = _device(model)
-    cont = torch.full((n_labels, width), encoder.tok.pad_token_id, dtype=torch.long)
-    cont_mask = torch.zeros((n_labels, width), dtype=torch.long)
-    for j, ids in enumerate(label_ids):
-        cont[j, : len(ids)] = torch.tensor(ids)
-        cont_mask[j, : len(ids)] = 1
-    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    tree = _LabelTree(label_ids, device)
     prompts = [encoder.prompt_ids(ex.prompt, reserve=width)[0] for ex in examples]
     shared = _SharedPrefix(model, prompts)
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        batch = shared.batch(prompts[start : start + batch_size], encoder.tok.pad_token_id, device)
-        b = batch.input_ids.shape[0]
+    results: list[dict] = [{}] * len(prompts)
+    for rows in length_batches([len(p) - len(shared.tokens) for p in prompts], batch_size):
+        batch = shared.batch([prompts[i] for i in rows], encoder.tok.pad_token_id, device)
         out = model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -145,63 +212,98 @@ def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -
             use_cache=True,
             logits_to_keep=1,
         )
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts label token 0
-        ids = cont.repeat(b, 1)  # (B*L, W): row-major, labels of one prompt together
-        tok_logp = first.repeat_interleave(n_labels, 0).gather(1, ids[:, :1])
-        if width > 1:  # label tokens 1..W-1, predicted from label tokens 0..W-2 on the repeated cache
-            cache = out.cache
-            cache.batch_repeat_interleave(n_labels)
-            mask = torch.cat(
-                [batch.attention_mask.repeat_interleave(n_labels, 0), cont_mask[:, :-1].repeat(b, 1)], dim=1
-            )
-            last_pos = batch.position_ids[:, -1:].repeat_interleave(n_labels, 0)
-            positions = last_pos + 1 + torch.arange(width - 1, device=device)[None]
-            rest = model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=positions, cache=cache)
-            logp_rest = torch.log_softmax(rest.logits.float(), dim=-1)
-            tok_logp = torch.cat([tok_logp, logp_rest.gather(2, ids[:, 1:, None])[..., 0]], dim=1)
-        totals = (tok_logp * cont_mask.repeat(b, 1)).sum(1).view(b, n_labels).cpu()
-        for scores in totals.tolist():
-            best = max(range(n_labels), key=scores.__getitem__)
-            results.append({"prediction": task.labels[best], "scores": dict(zip(task.labels, scores, strict=True))})
+        scores = tree.score_first(out.logits[:, -1])
+        if tree.ids.numel():
+            branches = tree.inputs(batch.attention_mask, batch.position_ids[:, -1], out.logits.dtype)
+            scores += tree.score_rest(model(**branches, cache=out.cache).logits)
+        for i, row in zip(rows, scores.cpu().tolist(), strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            results[i] = {"prediction": task.labels[best], "scores": dict(zip(task.labels, row, strict=True))}
     return results
 
 
 def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens) -> list[dict]:
-    """Batched greedy decoding with the KV cache, starting from the shared prefix's cache."""
+    """Batched greedy decoding with the KV cache, starting from the shared prefix's cache.
+
+    Rows are decoded `batch_size` at a time, longest prompts first.
+    """
     tok = encoder.tok
-    device = _device(model)
     prompts = [encoder.prompt_ids(ex.prompt, reserve=max_new_tokens)[0] for ex in examples]
     shared = _SharedPrefix(model, prompts)
-    results = []
-    for start in range(0, len(prompts), batch_size):
-        batch = shared.batch(prompts[start : start + batch_size], tok.pad_token_id, device)
-        prefix = torch.tensor(batch.prefix, dtype=torch.long, device=device).expand(batch.input_ids.shape[0], -1)
-        input_ids = torch.cat([prefix, batch.input_ids], dim=1)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[dict] = [{}] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask, cache = _prefill(model, shared, [prompts[i] for i in rows], tok.pad_token_id)
         out = model.generate(
             input_ids=input_ids,
-            attention_mask=batch.attention_mask,
-            cache=batch.cache,
+            attention_mask=attention_mask,
+            cache=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
             eos_token_id=encoder.eos,
         )
         new = out[:, input_ids.shape[1] :]
-        for text in tok.batch_decode(new, skip_special_tokens=True):
-            results.append({"prediction": text.strip()})
+        for i, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True), strict=True):
+            results[i] = {"prediction": text.strip()}
     return results
 
 
+def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask, cache) for `generate`, the cache holding all but each row's
+    last token, in the order of `prompts`.
+
+    The prompts run through the model in groups of similar length (`length_batches`), and
+    their caches are padded on the left to one length and stacked: a decoding step reads every
+    weight once whatever the number of rows, so the rows stay in one batch for decoding while
+    the prompt pass pads little. Models whose cache slides (sliding-window layers) and rows of
+    one own token run as one group, left-padded as before.
+    """
+    device = _device(model)
+    n = len(shared.tokens)
+    groups = length_batches([len(p) for p in prompts], len(prompts))
+    plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    if len(groups) == 1 or not plain or min(len(p) for p in prompts) - n < 2:
+        batch = shared.batch(prompts, pad_id, device)
+        prefix = batch.input_ids.new_tensor(shared.tokens).expand(len(prompts), -1)
+        return torch.cat([prefix, batch.input_ids], dim=1), batch.attention_mask, batch.cache
+    width = n + max(len(p) - n for p in prompts)
+    ids, masks, caches = [], [], []
+    for group in groups:
+        batch = shared.batch([prompts[i] for i in group], pad_id, device)
+        out = model(
+            input_ids=batch.input_ids[:, :-1],
+            attention_mask=batch.attention_mask[:, :-1],
+            position_ids=batch.position_ids[:, :-1],
+            cache=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        left = width - batch.attention_mask.shape[1]
+        prefix = batch.input_ids.new_tensor(shared.tokens).expand(len(group), -1)
+        ids.append(F.pad(torch.cat([prefix, batch.input_ids], dim=1), (left, 0), value=pad_id))
+        masks.append(F.pad(batch.attention_mask, (left, 0)))
+        caches.append((left, out.cache))
+    cache = caches[0][1]
+    for k, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([F.pad(c.layers[k].keys, (0, 0, left, 0)) for left, c in caches])
+        layer.values = torch.cat([F.pad(c.layers[k].values, (0, 0, left, 0)) for left, c in caches])
+    back = torch.tensor([i for group in groups for i in group], device=device).argsort()  # stacked -> prompts
+    cache.batch_select_indices(back)
+    return torch.cat(ids)[back], torch.cat(masks)[back], cache
+
+
 def text_nll(model, encoder: Encoder, examples, batch_size) -> list[dict]:
-    results = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate([encoder.encode(ex) for ex in chunk], encoder.tok.pad_token_id)
-        logp, rows = target_logprobs(model, batch.to(_device(model)))
-        nll = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), -logp.cpu())
-        count = torch.zeros(len(chunk)).index_add_(0, rows.cpu(), torch.ones(len(rows)))
-        for n, c in zip(nll.tolist(), count.tolist(), strict=True):
-            results.append({"prediction": None, "nll": n, "tokens": int(c)})
+    encoded = [encoder.encode(ex) for ex in examples]
+    results: list[dict] = [{}] * len(examples)
+    for rows in length_batches([len(e.input_ids) for e in encoded], batch_size):
+        batch = collate([encoded[i] for i in rows], encoder.tok.pad_token_id)
+        logp, owner = target_logprobs(model, batch.to(_device(model)))
+        nll = torch.zeros(len(rows)).index_add_(0, owner.cpu(), -logp.cpu())
+        count = torch.zeros(len(rows)).index_add_(0, owner.cpu(), torch.ones(len(owner)))
+        for i, n, c in zip(rows, nll.tolist(), count.tolist(), strict=True):
+            results[i] = {"prediction": None, "nll": n, "tokens": int(c)}
     return results
 
 
