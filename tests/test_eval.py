@@ -90,7 +90,7 @@ def test_length_batches_pad_least_of_all_groupings():
             assert all(len(b) <= max_rows for b in batches)
             assert batches[0][0] == max(range(7), key=lambda i: lengths[i])  # longest batch first
 
-            def cost(groups, per_batch=per_batch):
+            def cost(groups, per_batch=per_batch, lengths=lengths):
                 return sum(len(g) * max(lengths[i] for i in g) + per_batch for g in groups)
 
             best = min(cost(g) for g in _partitions(list(range(7))) if all(len(b) <= max_rows for b in g))
