@@ -69,10 +69,13 @@ def test_generation_matches_transformers_sdpa(tiny_model_dir):
     mask[0, :4] = 0  # left padding, as generation pads
     mask[2, :2] = 0
     kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 8, "do_sample": False}
-    kwargs["pad_token_id"] = model.config.pad_token_id
+    kwargs.update(pad_token_id=model.config.pad_token_id, output_logits=True, return_dict_in_generate=True)
     ours = model.generate(**kwargs)
     model.set_attn_implementation("sdpa")
-    assert torch.equal(ours, model.generate(**kwargs))
+    theirs = model.generate(**kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits, strict=True):  # every step's logits, one-token steps included
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_other_attention_implementations_are_left_alone(tiny_model_dir):
