@@ -151,7 +151,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="24 classification rows and 8 QA rows per task")
     p.add_argument("--rows", type=int, default=100, help="classification rows per task")
     p.add_argument("--gen-rows", type=int, default=32, help="QA rows")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32, help="eval.batch_size (its default)")
     args = p.parse_args()
     if args.quick:
         args.rows, args.gen_rows = 24, 8
@@ -169,8 +169,11 @@ def main() -> None:
     model, tokenizer = rundir.load_base(cfg)
     model.eval()
     encoder = rundir.make_encoder(cfg, tokenizer)
+    from throughput import matmul_peak_gflops
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"[bench] {args.model} on {device}, eval batch {args.batch}")
+    peak = matmul_peak_gflops()
+    print(f"[bench] {args.model} on {device} (matmul peak {peak:.1f} GFLOP/s now), eval batch {args.batch}")
     lines = [
         "| task | rows | naive s | multitune s | speed-up | FLOP ratio | prompt padding | naive metric "
         "| multitune metric | same predictions |",

@@ -257,7 +257,7 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     split: Literal["dev", "test"] = "dev"
     max_examples: int | None = Field(None, ge=1, description="per task; None = the whole split")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1, description="prompts per forward (grouped by length) and rows decoded together")
     max_new_tokens: int = Field(48, ge=1)
     zero_shot: bool = Field(True, description="evaluate the base model before training")
 

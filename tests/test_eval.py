@@ -84,18 +84,22 @@ def test_length_batches_pad_least_of_all_groupings():
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         lengths = torch.randint(1, 60, (7,), generator=gen).tolist()
-        for max_rows, per_batch in ((3, 0), (3, 10), (7, 25)):
-            batches = length_batches(lengths, max_rows, per_batch)
-            assert sorted(i for b in batches for i in b) == list(range(7))  # every row once
-            assert all(len(b) <= max_rows for b in batches)
-            assert batches[0][0] == max(range(7), key=lambda i: lengths[i])  # longest batch first
+        for max_rows, per_batch, max_cells in ((3, 0, None), (3, 10, None), (7, 25, None), (7, 5, 90)):
+            batches = length_batches(lengths, max_rows, per_batch, max_cells)
+
+            def fits(group, max_rows=max_rows, max_cells=max_cells, lengths=lengths):
+                cells = len(group) * max(lengths[i] for i in group)
+                return len(group) <= max_rows and (max_cells is None or len(group) == 1 or cells <= max_cells)
 
             def cost(groups, per_batch=per_batch, lengths=lengths):
                 return sum(len(g) * max(lengths[i] for i in g) + per_batch for g in groups)
 
-            best = min(cost(g) for g in _partitions(list(range(7))) if all(len(b) <= max_rows for b in g))
-            assert cost(batches) == best
+            assert sorted(i for b in batches for i in b) == list(range(7))  # every row once
+            assert all(fits(b) for b in batches)
+            assert batches[0][0] == max(range(7), key=lambda i: lengths[i])  # longest batch first
+            assert cost(batches) == min(cost(g) for g in _partitions(list(range(7))) if all(map(fits, g)))
     assert length_batches([5, 9, 7], 16) == [[1, 2, 0]]  # few rows: one batch, longest first
+    assert length_batches([50, 3, 4], 16, max_cells=12) == [[0], [2, 1]]  # a row longer than the budget: alone
     assert length_batches([], 4) == []
 
 

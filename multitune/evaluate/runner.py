@@ -38,7 +38,7 @@ def predict(
     encoder: Encoder,
     task: TaskConfig,
     examples: list[Example],
-    batch_size: int = 16,
+    batch_size: int = 32,
     max_new_tokens: int = 48,
     task_id: int | None = None,
 ) -> list[dict]:
@@ -69,8 +69,11 @@ def predict(
 BATCH_CELLS = 64
 
 
-def length_batches(lengths: list[int], max_rows: int, batch_cells: int = BATCH_CELLS) -> list[list[int]]:
-    """Row indices grouped into batches of at most `max_rows` rows with the least padding.
+def length_batches(
+    lengths: list[int], max_rows: int, batch_cells: int = BATCH_CELLS, max_cells: int | None = None
+) -> list[list[int]]:
+    """Row indices grouped into batches of at most `max_rows` rows (and `max_cells` padded
+    cells, unless one row alone is longer) with the least padding.
 
     Rows sorted by length, longest first, are cut where the total of padded cells (rows x the
     longest row of the batch) plus `batch_cells` per batch is smallest (dynamic programming
@@ -84,7 +87,10 @@ def length_batches(lengths: list[int], max_rows: int, batch_cells: int = BATCH_C
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(max(0, j - max_rows), j):
-            cost = best[i] + (j - i) * lengths[order[i]] + batch_cells
+            cells = (j - i) * lengths[order[i]]
+            if max_cells is not None and j - i > 1 and cells > max_cells:
+                continue
+            cost = best[i] + cells + batch_cells
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     batches = []
@@ -294,10 +300,15 @@ def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int
     return torch.cat(ids)[back], torch.cat(masks)[back], cache
 
 
+# Tokens per forward when every token is scored (text): each has a vocabulary-sized row of logits,
+# 1.6 GB for SmolLM2's 49k vocabulary at 8192 tokens.
+TEXT_CELLS = 8192
+
+
 def text_nll(model, encoder: Encoder, examples, batch_size) -> list[dict]:
     encoded = [encoder.encode(ex) for ex in examples]
     results: list[dict] = [{}] * len(examples)
-    for rows in length_batches([len(e.input_ids) for e in encoded], batch_size):
+    for rows in length_batches([len(e.input_ids) for e in encoded], batch_size, max_cells=TEXT_CELLS):
         batch = collate([encoded[i] for i in rows], encoder.tok.pad_token_id)
         logp, owner = target_logprobs(model, batch.to(_device(model)))
         nll = torch.zeros(len(rows)).index_add_(0, owner.cpu(), -logp.cpu())
