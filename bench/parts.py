@@ -173,6 +173,10 @@ def profile() -> None:
         print(f"[profile] {name}: {100 * part / total:.1f}% of a {shape[0]} x {shape[1]} step")
     covered = sum(e.self_cpu_time_total for e in events if any(e.key in ops for ops in groups.values()))
     print(f"[profile] the rest (element-wise, copies, autograd): {100 * (total - covered) / total:.1f}%")
+    rest = sorted(
+        (e for e in events if not any(e.key in ops for ops in groups.values())), key=lambda e: -e.self_cpu_time_total
+    )
+    print("[profile]   of which " + ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.1f}%" for e in rest[:8]))
     # the rate of the 2-D matmuls: the model's own GEMMs against the LoRA products (one side = rank)
     rates = {"model GEMMs": [0.0, 0.0], "rank-16 LoRA products": [0.0, 0.0]}
     for e in prof.key_averages(group_by_input_shape=True):

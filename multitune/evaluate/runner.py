@@ -65,7 +65,7 @@ def predict(
 
 # What one more batch is charged, in padded token cells: it keeps batches from splitting into
 # single rows for a few cells (smaller matmuls run at a lower rate) and is small next to a batch
-# of 16 prompts of ~100 tokens. `bench/eval.py` prints the padding it leaves.
+# of 32 prompts of ~100 tokens. `bench/eval.py` prints the padding it leaves.
 BATCH_CELLS = 64
 
 
