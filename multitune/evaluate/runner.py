@@ -5,9 +5,9 @@ fine-tuned run, so "before vs after" is one table.
   prompts runs once, then all labels' tokens in one forward on its KV cache, never one
   forward per label;
 - extractive QA and generation: batched greedy decoding with the KV cache;
-
-Rows are batched by token length (`length_batches`) and a prefix all prompts share runs once.
 - text: perplexity of the text under the model.
+
+Rows are batched by token length (`length_batches`), and a prefix all prompts share runs once.
 """
 
 from __future__ import annotations
@@ -77,9 +77,8 @@ def length_batches(
 
     Rows sorted by length, longest first, are cut where the total of padded cells (rows x the
     longest row of the batch) plus `batch_cells` per batch is smallest (dynamic programming
-    over the cut points; contiguous runs of the sorted rows are optimal for this cost). Fixed
-    batches of `max_rows` padded 17-23% of the cells on the eval bench's tasks, whose prompt
-    lengths spread widely.
+    over the cut points; contiguous runs of the sorted rows are optimal for this cost): prompt
+    lengths spread widely, so fixed batches of `max_rows` pad much more.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
@@ -264,7 +263,7 @@ def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int
     their caches are padded on the left to one length and stacked: a decoding step reads every
     weight once whatever the number of rows, so the rows stay in one batch for decoding while
     the prompt pass pads little. Models whose cache slides (sliding-window layers) and rows of
-    one own token run as one group, left-padded as before.
+    one own token run as one left-padded group.
     """
     device = _device(model)
     n = len(shared.tokens)
@@ -286,15 +285,15 @@ def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int
             use_cache=True,
             logits_to_keep=1,
         )
-        left = width - batch.attention_mask.shape[1]
+        extra = width - batch.attention_mask.shape[1]  # left padding up to the longest group
         prefix = batch.input_ids.new_tensor(shared.tokens).expand(len(group), -1)
-        ids.append(F.pad(torch.cat([prefix, batch.input_ids], dim=1), (left, 0), value=pad_id))
-        masks.append(F.pad(batch.attention_mask, (left, 0)))
-        caches.append((left, out.cache))
+        ids.append(F.pad(torch.cat([prefix, batch.input_ids], dim=1), (extra, 0), value=pad_id))
+        masks.append(F.pad(batch.attention_mask, (extra, 0)))
+        caches.append((extra, out.cache))
     cache = caches[0][1]
     for k, layer in enumerate(cache.layers):
-        layer.keys = torch.cat([F.pad(c.layers[k].keys, (0, 0, left, 0)) for left, c in caches])
-        layer.values = torch.cat([F.pad(c.layers[k].values, (0, 0, left, 0)) for left, c in caches])
+        layer.keys = torch.cat([F.pad(c.layers[k].keys, (0, 0, extra, 0)) for extra, c in caches])
+        layer.values = torch.cat([F.pad(c.layers[k].values, (0, 0, extra, 0)) for extra, c in caches])
     back = torch.tensor([i for group in groups for i in group], device=device).argsort()  # stacked -> prompts
     cache.batch_select_indices(back)
     return torch.cat(ids)[back], torch.cat(masks)[back], cache
