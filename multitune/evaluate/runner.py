@@ -219,7 +219,7 @@ def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -
         )
         scores = tree.score_first(out.logits[:, -1])
         if tree.ids.numel():
-            branches = tree.inputs(batch.attention_mask, batch.position_ids[:, -1], out.logits.dtype)
+            branches = tree.inputs(batch.attention_mask, batch.position_ids[:, -1], model.dtype)
             scores += tree.score_rest(model(**branches, cache=out.cache).logits)
         for i, row in zip(rows, scores.cpu().tolist(), strict=True):
             best = max(range(len(row)), key=row.__getitem__)
