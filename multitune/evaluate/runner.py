@@ -146,6 +146,11 @@ class _SharedPrefix:
             cache.batch_repeat_interleave(len(prompts))
         return _Prompts(own.input_ids, mask, own.position_ids + n, cache)
 
+    def full_ids(self, batch: _Prompts) -> torch.Tensor:
+        """The batch's rows with the prefix in front: (B, P + T), as `generate` wants them."""
+        prefix = batch.input_ids.new_tensor(self.tokens).expand(batch.input_ids.shape[0], -1)
+        return torch.cat([prefix, batch.input_ids], dim=1)
+
 
 class _LabelTree:
     """All labels of a classification task as one continuation of a prompt.
@@ -271,9 +276,8 @@ def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int
     plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
     if len(groups) == 1 or not plain or min(len(p) for p in prompts) - n < 2:
         batch = shared.batch(prompts, pad_id, device)
-        prefix = batch.input_ids.new_tensor(shared.tokens).expand(len(prompts), -1)
-        return torch.cat([prefix, batch.input_ids], dim=1), batch.attention_mask, batch.cache
-    width = n + max(len(p) - n for p in prompts)
+        return shared.full_ids(batch), batch.attention_mask, batch.cache
+    width = max(len(p) for p in prompts)
     ids, masks, caches = [], [], []
     for group in groups:
         batch = shared.batch([prompts[i] for i in group], pad_id, device)
@@ -286,8 +290,7 @@ def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int
             logits_to_keep=1,
         )
         extra = width - batch.attention_mask.shape[1]  # left padding up to the longest group
-        prefix = batch.input_ids.new_tensor(shared.tokens).expand(len(group), -1)
-        ids.append(F.pad(torch.cat([prefix, batch.input_ids], dim=1), (extra, 0), value=pad_id))
+        ids.append(F.pad(shared.full_ids(batch), (extra, 0), value=pad_id))
         masks.append(F.pad(batch.attention_mask, (extra, 0)))
         caches.append((extra, out.cache))
     cache = caches[0][1]
