@@ -12,11 +12,13 @@
 - `attention`: forward + backward of the chosen layout with transformers' "sdpa" attention
   (key/value heads repeated) against `multitune_sdpa` (grouped heads to the kernel), alternating
   batch by batch, 2 rounds;
+- `compile`: forward + backward of the chosen layout with the decoder layers eager against
+  compiled (`train.compile`), alternating batch by batch after the compilation, 2 rounds;
 - `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
   matmuls, attention, dropout's random words, the rest; and the GFLOP/s of the model's GEMMs and
   of the rank-16 LoRA products against the matmul peak measured in the same run.
 
-    python bench/parts.py            # all six parts
+    python bench/parts.py            # all seven parts
     python bench/parts.py --part dropout
 """
 
@@ -152,6 +154,28 @@ def attention() -> None:
     _alternate("attention", model, _pack(steps, tok), arms)
 
 
+def compile_() -> None:
+    from torch._dynamo.utils import counters
+
+    from multitune.runtime import compile_layers
+
+    model, steps, tok = _model_and_batches(keep_memory=True)
+    batches = _pack(steps, tok)
+    compile_layers(model)
+    blocks = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    compiled = [b._compiled_call_impl for b in blocks]
+
+    def use(on: bool):
+        for block, impl in zip(blocks, compiled, strict=True):
+            block._compiled_call_impl = impl if on else None
+
+    t0 = time.perf_counter()
+    _seconds(model, batches[:2])  # compiles (dynamic shapes: the second length reuses the graph)
+    print(f"[compile] first two batches, compilation included: {time.perf_counter() - t0:.1f} s")
+    print(f"[compile] graph breaks: {sum(counters['graph_break'].values())}")
+    _alternate("compile", model, batches, {"eager": lambda: use(False), "compiled": lambda: use(True)})
+
+
 def profile() -> None:
     from torch.profiler import profile as torch_profile
 
@@ -244,6 +268,7 @@ PARTS = {
     "dropout": dropout,
     "fused": fused,
     "attention": attention,
+    "compile": compile_,
     "profile": profile,
     "allocator": allocator,
     "layout": layout,

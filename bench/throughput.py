@@ -18,11 +18,12 @@ Arms alternate round by round in one process after a warm-up round; the table sh
 The process runs with multitune's thread and allocator settings (`multitune.runtime.use_cores`)
 from the start, so every arm, the baseline included, gets them.
 Measured per arm: examples/s, target tokens/s, real (non-pad) tokens/s, padding fraction, peak
-RSS of one round of the arm in a fresh process, and achieved GFLOP/s of useful work as a share of this machine's fp32
-matmul peak measured at start. Useful work per row of n tokens with t target tokens:
-4 N n (frozen base: forward 2N, input gradients 2N; N = decoder weights) + 6 L d n^2 (causal
-attention, forward and backward) + 4 d V t (LM head where a loss exists); the same rows cost the
-same useful FLOPs in every arm, so the GFLOP/s ratio is the speed ratio.
+RSS of one round of the arm in a fresh process, and achieved GFLOP/s of useful work as a share of
+this machine's fp32 matmul peak (the median of measurements taken before each round). Useful
+work per row of n tokens with t target tokens: 4 N n (frozen base: forward 2N, input gradients
+2N; N = decoder weights) + 6 L d n^2 (causal attention, forward and backward) + 4 d V t (LM head
+where a loss exists); the same rows cost the same useful FLOPs in every arm, so the GFLOP/s ratio
+is the speed ratio.
 
     python bench/throughput.py --quick     # hf-trainer and multitune only (8 minutes on a 2-core CPU)
     python bench/throughput.py             # the README's table
@@ -295,20 +296,21 @@ def main() -> None:
         rows, tokenizer = drawn_rows(args)
         config = AutoConfig.from_pretrained(resolve_model_dir(args.model))
         flops = useful_flops(rows, config)
-        gc.collect()
-        peak = matmul_peak_gflops()
         targets = sum(sum(x != -100 for x in r.labels) for r in rows)
         device = (
             torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
         )
         print(
-            f"[bench] {args.model} on {device}; matmul peak {peak:.1f} GFLOP/s; {len(rows)} rows/round "
+            f"[bench] {args.model} on {device}; {len(rows)} rows/round "
             f"({sum(len(r.input_ids) for r in rows)} tokens, {targets} target tokens), "
             f"{args.rounds} rounds after a warm-up",
             flush=True,
         )
         measured: dict[str, list[dict]] = {a: [] for a in args.arms}
+        peaks = []  # measured before every round: this shared machine's speed drifts within a run
         for round_ in range(args.rounds + 1):
+            gc.collect()
+            peaks.append(matmul_peak_gflops())
             for arm in args.arms:
                 gc.collect()
                 out = run_arm(args, arm, rows, tokenizer)
@@ -317,6 +319,11 @@ def main() -> None:
                 label = "warm-up" if round_ == 0 else f"round {round_}"
                 print(f"[bench] {label} {arm}: {out['seconds']:.1f} s", file=sys.stderr, flush=True)
 
+    peak = statistics.median(peaks)
+    print(
+        f"[bench] matmul peak {peak:.1f} GFLOP/s (median of {len(peaks)} measurements, one before each round: "
+        f"{min(peaks):.1f} to {max(peaks):.1f})"
+    )
     base = statistics.median(m["seconds"] for m in measured[args.arms[0]])
     header = (
         "| arm | examples/s | target tok/s | tokens/s | padding | peak RSS | GFLOP/s | % of peak | "
@@ -350,7 +357,7 @@ def main() -> None:
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"device": device, "matmul_peak_gflops": peak, "arms": summary}, indent=1)
+            json.dumps({"device": device, "matmul_peak_gflops": peak, "peaks": peaks, "arms": summary}, indent=1)
         )
 
 

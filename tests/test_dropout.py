@@ -86,3 +86,24 @@ def test_odd_sizes_and_seeded_by_torch():
     b = layer(torch.ones(64, 64))
     torch.manual_seed(12)
     assert not torch.equal(layer(torch.ones(64, 64)), b)  # another torch seed, another mask
+
+
+def test_compiled_masks_stay_in_the_graph_and_independent():
+    """train.compile: the mask is one operator of the graph (no break at the numpy draw), and the
+    masks of q, k and v (one input, three dropouts) are drawn separately, not merged into one."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    first, second = WordDropout(0.5).train(), WordDropout(0.5).train()
+    x = torch.ones(256, 1024, requires_grad=True)
+    compiled = torch.compile(lambda x: first(x) + second(x), dynamic=True)
+    torch.manual_seed(0)
+    y = compiled(x)
+    assert not counters["graph_break"]
+    assert set(y.unique().tolist()) == {0.0, 2.0, 4.0}
+    assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=0.005)  # both dropped: p^2, not p
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # x = 1: the gradient is the sum of the scaled masks, as y is
+    torch.manual_seed(0)
+    assert torch.equal(compiled(x), y)  # still fixed by torch's seed

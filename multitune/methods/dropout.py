@@ -39,22 +39,40 @@ class WordDropout(nn.Dropout):
         return x * self._keep(x), 1.0 / (1.0 - self.p)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        """1 where an element is kept, 0 where it is dropped, in x's dtype and shape. Written by
-        the comparison itself: a bool mask costs a conversion pass in the multiply and in its
-        backward (together, on a CPU, ten times the multiply)."""
-        n = x.numel()
-        words = random_words((n + 3) // 4, x.device)
-        uniforms = words.view(torch.int16)[:n].view(x.shape)  # 4 per word, uniform on [-2^15, 2^15)
-        keep = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return torch.ge(uniforms, round(self.p * _LEVELS) - _LEVELS // 2, out=keep)
+        return keep_mask(x.detach(), torch.randint(0, 2**63 - 1, (1,)), self.p)
 
 
-def random_words(count: int, device: torch.device) -> torch.Tensor:
-    """`count` uniformly random int64 words on `device`."""
+@torch.library.custom_op("multitune::keep_mask", mutates_args=())
+def keep_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """1 where an element of x is kept, 0 where it is dropped, in x's dtype and shape. Written by
+    the comparison itself: a bool mask costs a conversion pass in the multiply and in its
+    backward (together, on a CPU, ten times the multiply).
+
+    An operator of its own so that `torch.compile` (`train.compile`) keeps it in the graph as one
+    call instead of breaking the graph at the numpy draw: every LoRA layer has a dropout, and the
+    breaks left nothing to fuse. The seed (one int64 from torch's generator) is an input, drawn
+    by the caller: two masks of one input then differ in an argument and are never merged as
+    the same call."""
+    n = x.numel()
+    words = random_words((n + 3) // 4, x.device, int(seed))
+    uniforms = words.view(torch.int16)[:n].view(x.shape)  # 4 per word, uniform on [-2^15, 2^15)
+    keep = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.ge(uniforms, round(p * _LEVELS) - _LEVELS // 2, out=keep)
+
+
+@keep_mask.register_fake
+def _(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def random_words(count: int, device: torch.device, seed: int | None = None) -> torch.Tensor:
+    """`count` uniformly random int64 words on `device`; on a CPU from `seed` (default: drawn
+    from torch's generator)."""
     if device.type != "cpu":
         return torch.randint(-(2**63), 2**63 - 1, (count,), dtype=torch.int64, device=device)
     with torch.profiler.record_function("random_words"):  # numpy's time shows in profiles under this name
-        seed = int(torch.randint(0, 2**63 - 1, (1,)))
+        if seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, (1,)))
         return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
 
 
