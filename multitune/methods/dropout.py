@@ -50,7 +50,7 @@ def keep_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
 
     An operator of its own so that `torch.compile` (`train.compile`) keeps it in the graph as one
     call instead of breaking the graph at the numpy draw: every LoRA layer has a dropout, and the
-    breaks left nothing to fuse. The seed (one int64 from torch's generator) is an input, drawn
+    breaks left little to fuse. The seed (one int64 from torch's generator) is an input, drawn
     by the caller: two masks of one input then differ in an argument and are never merged as
     the same call."""
     n = x.numel()
