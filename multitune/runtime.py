@@ -6,9 +6,11 @@ too, so they measure what a user gets.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -65,3 +67,22 @@ def compile_layers(model: torch.nn.Module) -> int:
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
+
+
+@contextlib.contextmanager
+def eager_layers(model: torch.nn.Module) -> Iterator[None]:
+    """Run the blocks `compile_layers` compiled eagerly inside this block (evaluation during and
+    after training).
+
+    Evaluation calls the layers as training never does: without gradients, with a KV cache that
+    grows by one token per call. Each is a new graph to dynamo, which recompiled up to its limit
+    of 8 per layer (tens of seconds on the bundled model), printed a warning, and ran them eagerly
+    anyway; the predictions are the same either way."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, impl in compiled:
+            module._compiled_call_impl = impl

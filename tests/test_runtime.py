@@ -1,9 +1,10 @@
 """Process settings (threads, allocator) and layer compilation."""
 
+import pytest
 import torch
 
 from multitune.models.base import load_base_model
-from multitune.runtime import compile_layers, keep_freed_memory, use_cores
+from multitune.runtime import compile_layers, eager_layers, keep_freed_memory, use_cores
 
 
 def test_use_cores_sets_the_threads():
@@ -24,3 +25,30 @@ def test_compile_layers_compiles_each_decoder_layer(tiny_model_dirs):
         assert compile_layers(model) == n_layers == model.config.num_hidden_layers
         blocks = model.get_decoder().layers if arch == "llama" else model.transformer.h
         assert all(b._compiled_call_impl is not None for b in blocks)
+
+
+def test_eager_layers_bypasses_the_compiled_blocks_and_restores_them(tiny_model_dirs):
+    """Evaluation inside a compiled training run: nothing is traced, and training gets its
+    compiled blocks back afterwards, also after an error."""
+    from torch._dynamo.utils import counters
+
+    model = load_base_model(str(tiny_model_dirs["llama"]))
+    compile_layers(model)
+    blocks = model.get_decoder().layers
+    compiled = [b._compiled_call_impl for b in blocks]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch._dynamo.reset()
+    counters.clear()
+    with eager_layers(model), torch.no_grad():
+        assert all(b._compiled_call_impl is None for b in blocks)
+        eager = model(ids).logits
+    assert not counters["frames"]
+    assert [b._compiled_call_impl for b in blocks] == compiled
+    with pytest.raises(RuntimeError, match="inside"):
+        with eager_layers(model):
+            raise RuntimeError("inside")
+    assert [b._compiled_call_impl for b in blocks] == compiled
+    with torch.no_grad():
+        traced = model(ids).logits  # the compiled blocks again: dynamo traces them
+    assert counters["frames"]
+    assert torch.allclose(traced, eager, atol=1e-5)

@@ -40,7 +40,7 @@ from multitune.evaluate.runner import evaluate, lookup
 from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
-from multitune.runtime import compile_layers, use_cores
+from multitune.runtime import compile_layers, eager_layers, use_cores
 from multitune.tasks.spec import higher_is_better
 from multitune.train.checkpoint import (
     list_checkpoints,
@@ -284,11 +284,12 @@ def train(
             _log(log, writer, record, figures)
 
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
-            result = evaluate(accelerator.unwrap_model(model), encoder, cfg, dev_rows)
-            per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
-            record = {"step": step, "split": "dev", "mean": result["mean"]}
-            if general:
-                record["retention_perplexity"] = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
+            with eager_layers(model):
+                result = evaluate(accelerator.unwrap_model(model), encoder, cfg, dev_rows)
+                per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
+                record = {"step": step, "split": "dev", "mean": result["mean"]}
+                if general:
+                    record["retention_perplexity"] = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
             _log(log, writer, record, per_task)
             stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
 
@@ -327,16 +328,17 @@ def train(
     if main:
         rundir.save_trained_model(model, tokenizer, run_dir, cfg)
 
-    if final_eval:
-        say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
-        results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
-    if general:
-        after = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
-        results["retention"] = retention_change(results["retention"]["before"], after)
-        say(
-            f"[retention] general-text perplexity {results['retention']['before']:.2f} -> {after:.2f} "
-            f"({results['retention']['change_pct']:+.1f}%)"
-        )
+    with eager_layers(model):
+        if final_eval:
+            say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(eval_rows)}")
+            results["fine_tuned"] = evaluate(model, encoder, cfg, eval_rows)
+        if general:
+            after = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
+            results["retention"] = retention_change(results["retention"]["before"], after)
+            say(
+                f"[retention] general-text perplexity {results['retention']['before']:.2f} -> {after:.2f} "
+                f"({results['retention']['change_pct']:+.1f}%)"
+            )
     for name, tracker in trackers.items():
         if tracker is not None and tracker.measurements:
             results[name] = {"tasks": task_names, "matrix": tracker.mean(), "measurements": tracker.measurements}
