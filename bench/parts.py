@@ -12,13 +12,16 @@
 - `attention`: forward + backward of the chosen layout with transformers' "sdpa" attention
   (key/value heads repeated) against `multitune_sdpa` (grouped heads to the kernel), alternating
   batch by batch, 2 rounds;
+- `blocks`: forward + backward of the chosen layout with each layer's attention in one kernel
+  call against query blocks that see only the keys their rows may see (`blocked_attention`),
+  alternating batch by batch, 2 rounds;
 - `compile`: forward + backward of the chosen layout with the decoder layers eager against
   compiled (`train.compile`), alternating batch by batch after the compilation, 2 rounds;
 - `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
   matmuls, attention, dropout's random words, the rest; and the GFLOP/s of the model's GEMMs and
   of the rank-16 LoRA products against the matmul peak measured in the same run.
 
-    python bench/parts.py            # all seven parts
+    python bench/parts.py            # all eight parts
     python bench/parts.py --part dropout
 """
 
@@ -154,6 +157,19 @@ def attention() -> None:
     _alternate("attention", model, _pack(steps, tok), arms)
 
 
+def blocks() -> None:
+    from multitune.models import attention
+
+    model, steps, tok = _model_and_batches(keep_memory=True)
+    default = attention.QUERY_BLOCK
+
+    def use(block: int):
+        attention.QUERY_BLOCK = block
+
+    arms = {"one call per layer": lambda: use(10**9), f"blocks of {default} queries": lambda: use(default)}
+    _alternate("blocks", model, _pack(steps, tok), arms)
+
+
 def compile_() -> None:
     from torch._dynamo.utils import counters
 
@@ -268,6 +284,7 @@ PARTS = {
     "dropout": dropout,
     "fused": fused,
     "attention": attention,
+    "blocks": blocks,
     "compile": compile_,
     "profile": profile,
     "allocator": allocator,

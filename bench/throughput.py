@@ -21,9 +21,10 @@ Measured per arm: examples/s, target tokens/s, real (non-pad) tokens/s, padding 
 RSS of one round of the arm in a fresh process, and achieved GFLOP/s of useful work as a share of
 this machine's fp32 matmul peak (the median of measurements taken before each round). Useful
 work per row of n tokens with t target tokens: 4 N n (frozen base: forward 2N, input gradients
-2N; N = decoder weights) + 6 L d n^2 (causal attention, forward and backward) + 4 d V t (LM head
-where a loss exists); the same rows cost the same useful FLOPs in every arm, so the GFLOP/s ratio
-is the speed ratio.
+2N; N = decoder weights) + 6 M n (the LoRA matrices, M weights: forward, input and weight
+gradients) + 6 L d n^2 (causal attention, forward and backward) + 4 d V t (LM head where a loss
+exists); the same rows cost the same useful FLOPs in every arm, so the GFLOP/s ratio is the
+speed ratio.
 
     python bench/throughput.py --quick     # hf-trainer and multitune only (8 minutes on a 2-core CPU)
     python bench/throughput.py             # the README's table
@@ -140,15 +141,18 @@ def matmul_peak_gflops() -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def useful_flops(rows, config) -> float:
+def useful_flops(rows, config, rank: int) -> float:
     d, n_layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inter = config.intermediate_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     body = n_layers * (2 * d * d + 2 * d * kv + 3 * d * inter)
+    # LoRA on all seven linears: A (rank x d_in) and B (d_out x rank) each; q, o: d -> d; k, v:
+    # d -> kv; gate, up: d -> inter; down: inter -> d (SmolLM2-135M: the 4,884,480 trainable weights)
+    lora = n_layers * rank * (2 * (d + d) + 2 * (d + kv) + 3 * (d + inter))
     total = 0.0
     for r in rows:
         n, t = len(r.input_ids), sum(x != -100 for x in r.labels)
-        total += 4 * body * n + 6 * n_layers * d * n * n + 4 * d * vocab * t
+        total += (4 * body + 6 * lora) * n + 6 * n_layers * d * n * n + 4 * d * vocab * t
     return total
 
 
@@ -295,7 +299,7 @@ def main() -> None:
         args.tmp = tmp
         rows, tokenizer = drawn_rows(args)
         config = AutoConfig.from_pretrained(resolve_model_dir(args.model))
-        flops = useful_flops(rows, config)
+        flops = useful_flops(rows, config, args.rank)
         targets = sum(sum(x != -100 for x in r.labels) for r in rows)
         device = (
             torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
