@@ -19,7 +19,7 @@ The process runs with multitune's thread and allocator settings (`multitune.runt
 from the start, so every arm, the baseline included, gets them.
 Measured per arm: examples/s, target tokens/s, real (non-pad) tokens/s, padding fraction, peak
 RSS of one round of the arm in a fresh process, and achieved GFLOP/s of useful work as a share of
-this machine's fp32 matmul peak (the median of measurements taken before each round). Useful
+this machine's fp32 matmul peak measured just before each run (the median over rounds). Useful
 work per row of n tokens with t target tokens: 4 N n (frozen base: forward 2N, input gradients
 2N; N = decoder weights) + 6 M n (the LoRA matrices, M weights: forward, input and weight
 gradients) + 6 L d n^2 (causal attention, forward and backward) + 4 d V t (LM head where a loss
@@ -311,22 +311,25 @@ def main() -> None:
             flush=True,
         )
         measured: dict[str, list[dict]] = {a: [] for a in args.arms}
-        peaks = []  # measured before every round: this shared machine's speed drifts within a run
         for round_ in range(args.rounds + 1):
-            gc.collect()
-            peaks.append(matmul_peak_gflops())
             for arm in args.arms:
                 gc.collect()
-                out = run_arm(args, arm, rows, tokenizer)
+                # measured before every run: this shared machine's speed drifts within a run (the
+                # peak moved 112 -> 170 GFLOP/s between rounds of one run), so each run is set
+                # against the peak of its own minutes
+                peak = matmul_peak_gflops()
+                out = run_arm(args, arm, rows, tokenizer) | {"peak": peak}
                 if round_ > 0:
                     measured[arm].append(out)
                 label = "warm-up" if round_ == 0 else f"round {round_}"
                 print(f"[bench] {label} {arm}: {out['seconds']:.1f} s", file=sys.stderr, flush=True)
 
+    peaks = [m["peak"] for runs in measured.values() for m in runs]
     peak = statistics.median(peaks)
     print(
-        f"[bench] matmul peak {peak:.1f} GFLOP/s (median of {len(peaks)} measurements, one before each round: "
-        f"{min(peaks):.1f} to {max(peaks):.1f})"
+        f"[bench] matmul peak {peak:.1f} GFLOP/s (median of {len(peaks)} measurements, one before each measured "
+        f"run: {min(peaks):.1f} to {max(peaks):.1f}); % of peak: the median over rounds of each run's GFLOP/s "
+        "against the peak measured before it"
     )
     base = statistics.median(m["seconds"] for m in measured[args.arms[0]])
     header = (
@@ -349,7 +352,7 @@ def main() -> None:
             "padding_fraction": 1 - tokens / cells,
             "peak_rss_gib": rss[arm],
             "gflops": gflops,
-            "peak_fraction": gflops / peak,
+            "peak_fraction": statistics.median(flops / m["seconds"] / 1e9 / m["peak"] for m in runs),
             "speedup": base / sec,
         }
         s = summary[arm]

@@ -16,9 +16,10 @@ keys its mask lets it see (`blocked_attention`). The CPU kernel works through ke
 the S x S square, the causal upper half and the scores between rows packed together included
 (about 70% of them masked away). A block of queries sees keys from the first one any of its
 rows may attend to (the start of its first packed row) up to its own end, so the blocks skip the
-upper triangle and most of the other rows. Same outputs and gradients to float rounding (tested);
-forward + backward of the bench's four packed batches, attention alone (scratch timing of
-`F.scaled_dot_product_attention` against this on random q/k/v): 261 -> 208 ms per layer, 1.25x.
+upper triangle and most of the other rows. Same outputs and gradients to float rounding (tested).
+Forward + backward of the bench's four packed batches: attention alone on random q/k/v, 262 ->
+235 ms per layer (medians of 6, scratch timing); the whole model, 45.6 -> 43.6 s, 1.05x
+(`python bench/parts.py --part blocks`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def grouped_sdpa_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if attention_mask.ndim == 4:  # as transformers' function does: a static cache's mask is longer than the keys
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     blocked = query.dtype == attention_mask.dtype == torch.float32 and not (dropout and module.training)
     if blocked and query.shape[2] > QUERY_BLOCK:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
