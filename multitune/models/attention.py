@@ -65,7 +65,9 @@ def grouped_sdpa_forward(
 def _blocks(mask: torch.Tensor, length: int) -> list[tuple[int, int, int, int]]:
     """(first query, end, first key, end key) per block of `QUERY_BLOCK` queries: the keys any
     query of the block may see in any sequence of the batch. A block that may see nothing (rows
-    of padding only) keeps all keys, as the unblocked call would."""
+    of padding only) keeps all keys, as the unblocked call would. Every layer and each backward
+    scans the mask again: these scans were 2% of the attention's time in a profile, less than
+    threading the blocks through the operators would save."""
     allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
     blocks = []
     for start in range(0, length, QUERY_BLOCK):
