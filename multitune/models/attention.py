@@ -18,7 +18,7 @@ the S x S square, the causal upper half and the scores between rows packed toget
 rows may attend to (the start of its first packed row) up to its own end, so the blocks skip the
 upper triangle and most of the other rows. Same outputs and gradients to float rounding (tested).
 Forward + backward of the bench's four packed batches: attention alone on random q/k/v, 262 ->
-235 ms per layer (medians of 6, scratch timing); the whole model, 45.6 -> 43.6 s, 1.05x
+235 ms per layer (medians of 6, scratch timing); the whole model, 1.05x and 1.10x in two runs
 (`python bench/parts.py --part blocks`).
 """
 
