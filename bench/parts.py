@@ -1,8 +1,9 @@
 """What single training optimisations contribute, one at a time, on the batches of bench/throughput.py.
 
-- `layout`: forward + backward of the bench's four 8-row batches packed into `max_length`
-  sequences (first fit) against the sequence length `pack` chooses (fewest cells); same rows,
-  same LoRA model, alternating, 2 rounds;
+- `layout`: forward + backward of the bench's four 8-row batches packed into 512-token
+  sequences (first fit), into the length `pack` chooses (fewest cells) up to 512, and up to
+  2048 (what training does on a CPU: one sequence per step); same rows, same LoRA model,
+  alternating batch by batch, 2 rounds;
 - `allocator`: the chosen layout in two fresh processes, glibc's default allocator against
   `multitune.runtime.keep_freed_memory`;
 - `fused`: forward + backward of the chosen layout with PEFT's LoRA forward against
@@ -28,6 +29,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -68,31 +70,39 @@ def _seconds(model, batches) -> float:
     return time.perf_counter() - t0
 
 
-def _pack(steps, tok, first_fit: bool = False):
+def _pack(steps, tok, length: int = 2048, first_fit: bool = False):
+    """The bench's steps packed as training packs them on a CPU (2048-token sequences), or into
+    `length`-token sequences; with `first_fit`, filled in order without the length choice."""
     from multitune.data import collate
 
     real = collate._capacity
-    if first_fit:  # the layout before the length choice: first fit into max_length sequences
+    if first_fit:  # the layout before the length choice: first fit into `length`-token sequences
         collate._capacity = lambda lengths, groups, limit: limit
     try:
-        return [collate.pack(s, tok.pad_token_id, 512) for s in steps]
+        return [collate.pack(s, tok.pad_token_id, length) for s in steps]
     finally:
         collate._capacity = real
 
 
 def layout() -> None:
     model, steps, tok = _model_and_batches(keep_memory=True)
-    old, chosen = _pack(steps, tok, first_fit=True), _pack(steps, tok)
-    _seconds(model, chosen)  # warm-up
-    times = {"max_length": [], "chosen": []}
-    for _ in range(2):
-        times["max_length"].append(_seconds(model, old))
-        times["chosen"].append(_seconds(model, chosen))
-    shapes = {k: [tuple(b.input_ids.shape) for b in v] for k, v in (("max_length", old), ("chosen", chosen))}
-    for k in times:
-        cells = sum(b[0] * b[1] for b in shapes[k])
-        print(f"[layout] {k}: sequences {shapes[k]}, {cells} cells, best {min(times[k]):.1f} s")
-    print(f"[layout] speed-up {min(times['max_length']) / min(times['chosen']):.2f}x")
+    layouts = {
+        "first fit, 512": _pack(steps, tok, 512, first_fit=True),
+        "fewest cells, 512": _pack(steps, tok, 512),
+        "fewest cells, 2048": _pack(steps, tok),
+    }
+    _seconds(model, layouts["fewest cells, 2048"][:1])  # warm-up
+    best = {k: [float("inf")] * len(steps) for k in layouts}
+    for _ in range(2):  # alternating batch by batch: the machine's speed drifts
+        for i in range(len(steps)):
+            for k, batches in layouts.items():
+                best[k][i] = min(best[k][i], _seconds(model, [batches[i]]))
+    for k, batches in layouts.items():
+        cells = sum(b.input_ids.numel() for b in batches)
+        shapes = [tuple(b.input_ids.shape) for b in batches]
+        print(f"[layout] {k}: sequences {shapes}, {cells} cells, {sum(best[k]):.1f} s (best per batch)")
+    for a, b in itertools.pairwise(layouts):
+        print(f"[layout] {a} -> {b}: {sum(best[a]) / sum(best[b]):.2f}x")
 
 
 def allocator() -> None:

@@ -8,7 +8,8 @@ targets, dropout), batch size, max length, AdamW learning rate and schedule:
 - `hf-trainer`: `transformers.Trainer` + `peft.get_peft_model` + `DataCollatorForSeq2Seq`
   (pads every batch to its longest row, full logits, the model's own loss);
 - `multitune`: `multitune.train.loop.train` as `multitune train` runs it (rows packed into
-  sequences of up to `max_length`, LM head only at target positions, `WordDropout`);
+  sequences of up to `train.pack_length`, by default 2048 tokens on a CPU, LM head only at target
+  positions, `WordDropout`);
 - `multitune-padded`: the same with `train.packing=false` (left padding, LM head at targets), to
   show what packing contributes; `multitune-ckpt`: packing + gradient checkpointing;
   `multitune-compile`: packing + `train.compile` (each round's time includes its compilation:

@@ -245,7 +245,10 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes)")
     threads: int | None = Field(None, ge=1)
-    packing: bool = Field(True, description="rows end to end in sequences of <= max_length: little padding compute")
+    packing: bool = Field(True, description="rows end to end in sequences of <= pack_length: little padding compute")
+    pack_length: int | None = Field(
+        None, ge=8, description="tokens per packed sequence (default: 2048 on a CPU, max_length elsewhere)"
+    )
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     interference_every: int | None = Field(None, ge=1, description="per-task gradient cosines every N steps")
     affinity_every: int | None = Field(None, ge=1, description="lookahead task affinity (TAG) every N steps")
@@ -302,6 +305,11 @@ class RunConfig(Strict):
                 )
             if self.train.eval_every is None:
                 raise ValueError("train.early_stopping needs train.eval_every")
+        if self.train.pack_length is not None and self.train.pack_length < self.train.max_length:
+            raise ValueError(
+                f"train.pack_length {self.train.pack_length} is shorter than train.max_length "
+                f"{self.train.max_length}: a row must fit in a sequence"
+            )
         domain = self.train.domain
         if domain is not None:
             domains = list(dict.fromkeys(t.domain for t in self.tasks if t.domain is not None))

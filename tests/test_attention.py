@@ -26,7 +26,7 @@ def _outputs_and_grads(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("block", [64, 4, 5])  # 4 and 5: the 12-token sequences in query blocks
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])  # gpt2: as many key/value heads as query heads
 def test_loaded_models_use_it_and_match_transformers_sdpa(tiny_model_dirs, arch, block, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     calls = []
@@ -107,6 +107,18 @@ def test_query_blocks_see_only_the_keys_their_rows_may_see():
     padded = _packed_mask([150])
     padded[..., 128:, :] = float("-inf")  # a block whose rows see nothing keeps every key, as unblocked
     assert attention._blocks(padded, 150)[-1] == (128, 150, 0, 150)
+
+
+def test_the_blocks_of_a_mask_are_scanned_once_until_it_changes():
+    mask = _packed_mask([100, 100])
+    first = attention._blocks(mask, 200)
+    assert attention._blocks(mask, 200) is first  # the same mask object: no new scan
+    assert attention._blocks(_packed_mask([100, 100]), 200) is not first  # another mask: scanned
+    mask[..., 128:, :100] = 0.0  # edited in place: the rows from 128 on now also see the first row
+    assert attention._blocks(mask, 200)[2:] == [(128, 192, 0, 192), (192, 200, 0, 200)]
+    with torch.inference_mode():  # inference tensors keep no version counter: always scanned
+        frozen = _packed_mask([100, 100])
+    assert attention._blocks(frozen, 200) == attention._blocks(_packed_mask([100, 100]), 200)
 
 
 def test_blocked_attention_matches_sdpa_with_gradients():

@@ -60,6 +60,9 @@ def test_task_rules(run_config):
     assert "train.early_stopping.metric 'mnli/accuracy'" in _error(raw)
     assert "needs train.eval_every" in _error(run_config(train={"early_stopping": {"metric": "mean"}}))
     assert "freeze trains nothing" in _error(run_config(method={"name": "freeze"}))
+    assert _error(run_config(train={"max_length": 512, "pack_length": 256})) == (
+        "run.yaml: train.pack_length 256 is shorter than train.max_length 512: a row must fit in a sequence"
+    )
 
 
 def test_overrides_apply_before_validation(tmp_path, run_config):

@@ -156,7 +156,7 @@ def test_packed_rows_give_the_losses_of_the_rows_alone(arch, by_task, tiny_model
     texts = ["a long prompt with many words in it and more", "short", "a third one", "x y z w", "one more row"]
     rows = [enc.encode(Example("ab"[i % 2], p, "positive negative"[: 4 + i])) for i, p in enumerate(texts)]
     width = max(len(r.input_ids) for r in rows)
-    packed = pack(rows, tok.pad_token_id, max_length=2 * width, by_task=by_task)
+    packed = pack(rows, tok.pad_token_id, length=2 * width, by_task=by_task)
     assert packed.packed and packed.input_ids.shape[0] < len(rows)  # rows do share sequences
     mixed = 0
     for s in range(packed.input_ids.shape[0]):
@@ -171,7 +171,7 @@ def test_packed_rows_give_the_losses_of_the_rows_alone(arch, by_task, tiny_model
     assert torch.allclose(got, torch.cat(alone), atol=1e-5)
     assert torch.allclose(got, padded, atol=1e-5)
     # without the row boundaries (one long causal sequence) the losses differ: the test can fail
-    leaky = pack(rows, tok.pad_token_id, max_length=2 * width)
+    leaky = pack(rows, tok.pad_token_id, length=2 * width)
     leaky.position_ids = torch.arange(leaky.input_ids.shape[1]).expand_as(leaky.input_ids).clone()
     with torch.no_grad():
         mixed = per_row_mean_nll(*target_logprobs(model, leaky), len(rows))
@@ -184,7 +184,7 @@ def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
     # one mixed 8-row step of bench/throughput.py: 1,541 tokens
     lengths = [50, 81, 156, 165, 220, 250, 304, 315]
     rows = [Encoded(list(range(1, n + 1)), [-100] * n, i % 2, False) for i, n in enumerate(lengths)]
-    batch = pack(rows, 0, max_length=512)
+    batch = pack(rows, 0, length=512)
     # first fit into 512-token sequences: 4 x 510 cells (24% padding); five 321-token ones: 4%
     assert tuple(batch.input_ids.shape) == (5, 321)
     assert batch.row_tokens().tolist() == lengths
@@ -195,16 +195,33 @@ def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
         assert batch.position_ids[seq[0], at].tolist() == list(range(n))
     # a row as long as max_length keeps max_length sequences; by_task keeps tasks apart
     assert pack(rows + [Encoded([1] * 512, [-100] * 512, 0, False)], 0, 512).input_ids.shape[1] == 512
-    by_task = pack(rows, 0, max_length=512, by_task=True)
+    by_task = pack(rows, 0, length=512, by_task=True)
     for s in range(by_task.input_ids.shape[0]):
         members = by_task.row_ids[s][by_task.row_ids[s] >= 0].unique()
         assert len(set(by_task.row_task_ids[members].tolist())) == 1
+    # in 2048-token sequences (the default on a CPU) the step is one sequence, without padding
+    assert tuple(pack(rows, 0, length=2048).input_ids.shape) == (1, sum(lengths))
     groups = [r.task_id for r in rows]
     assert (
         by_task.input_ids.numel()
         == min(_cells(lengths, groups, c)[0] for c in range(315, 513))
         < _cells(lengths, groups, 512)[0]
     )
+
+
+def test_pack_length_defaults_to_one_long_sequence_only_where_attention_skips_other_rows(tiny_model_dir, run_config):
+    from transformers import AutoModelForCausalLM
+
+    from multitune.train.loop import _pack_length
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = validate_config(run_config(train={"max_length": 512}))
+    model = load_base_model(str(tiny_model_dir))  # query-block attention on a CPU
+    assert (_pack_length(cfg, model, cpu), _pack_length(cfg, model, cuda)) == (2048, 512)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert _pack_length(cfg, eager, cpu) == 512
+    assert _pack_length(validate_config(run_config(train={"max_length": 4096})), model, cpu) == 4096
+    assert _pack_length(validate_config(run_config(train={"pack_length": 1024})), model, cpu) == 1024
 
 
 def _assert_same_losses_either_way(run_config, method: str, option: str, steps: int) -> None:

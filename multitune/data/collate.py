@@ -4,8 +4,8 @@ Padded: padding goes on the left so that every row's target sits at the right ed
 same layout serves batched generation. Position ids are passed explicitly so padding does not
 shift them.
 
-Packed: rows are laid end to end in sequences of at most `max_length` tokens (first-fit
-decreasing into the sequence length that leaves the fewest padding cells, see `_capacity`),
+Packed: rows are laid end to end in sequences of at most `length` tokens (`train.pack_length`;
+first-fit decreasing into the sequence length that leaves the fewest padding cells, see `_capacity`),
 position ids restart at 0 for every row, and no attention mask is
 passed: transformers then reads the row boundaries from the position ids and keeps attention
 inside each row (`masking_utils.find_packed_sequence_indices`; flash-attention uses the same
@@ -75,12 +75,12 @@ def collate(rows: list[Encoded], pad_id: int) -> Batch:
     return Batch(ids, mask, positions, labels, task_ids, row_ids, task_ids.clone())
 
 
-def pack(rows: list[Encoded], pad_id: int, max_length: int, by_task: bool = False) -> Batch:
-    """Rows end to end in sequences of at most `max_length` tokens, right-padded; with `by_task`
-    a sequence holds rows of one task only."""
+def pack(rows: list[Encoded], pad_id: int, length: int, by_task: bool = False) -> Batch:
+    """Rows end to end in sequences of at most `length` tokens (a longer row: a sequence of its
+    own), right-padded; with `by_task` a sequence holds rows of one task only."""
     lengths = [len(r.input_ids) for r in rows]
     groups = [r.task_id if by_task else 0 for r in rows]
-    bins, tasks = _first_fit(lengths, groups, _capacity(lengths, groups, max_length))
+    bins, tasks = _first_fit(lengths, groups, _capacity(lengths, groups, length))
     width = max(sum(len(rows[i].input_ids) for i in b) for b in bins)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(bins), width), dtype=torch.long)
@@ -127,23 +127,24 @@ def _cells(lengths: list[int], groups: list[int], capacity: int) -> tuple[int, i
     return len(bins) * max(sum(lengths[i] for i in b) for b in bins), len(bins)
 
 
-def _capacity(lengths: list[int], groups: list[int], max_length: int) -> int:
+def _capacity(lengths: list[int], groups: list[int], length: int) -> int:
     """The sequence length whose first-fit layout has the fewest cells (tokens + padding).
 
-    Filling `max_length` sequences leaves the last one of a step partly empty (a fifth of the
-    cells of a mixed 8-row step); k shorter, evenly filled sequences carry the same rows with
-    little padding. For each count k (from the fewest `max_length` sequences that can hold the
-    rows) the smallest capacity that fits the rows into k sequences is found by bisection; the
-    layout with the fewest cells wins (ties: the shorter sequences, cheaper attention).
+    Filling `length`-token sequences leaves the last one of a step partly empty (a fifth of the
+    cells of a mixed 8-row step in 512-token sequences); k shorter, evenly filled sequences carry
+    the same rows with little padding. For each count k (from the fewest `length`-token sequences
+    that can hold the rows) the smallest capacity that fits the rows into k sequences is found by
+    bisection; the layout with the fewest cells wins (ties: the shorter sequences, cheaper
+    attention).
     """
     longest, total = max(lengths), sum(lengths)
-    if longest >= max_length:
-        return max_length
-    best = (*_cells(lengths, groups, max_length), max_length)  # (cells, sequences, capacity)
+    if longest >= length:
+        return length
+    best = (*_cells(lengths, groups, length), length)  # (cells, sequences, capacity)
     for k in range(best[1], len(lengths) + 1):
         if k * longest >= best[0]:
             break  # k sequences at least `longest` wide cannot beat the best layout
-        lo, hi = max(longest, -(-total // k)), max_length
+        lo, hi = max(longest, -(-total // k)), length
         while lo < hi:  # smallest capacity with at most k sequences
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if _cells(lengths, groups, mid)[1] > k else (lo, mid)

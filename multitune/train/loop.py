@@ -39,6 +39,7 @@ from multitune.evaluate.retention import retention_change, retention_examples, r
 from multitune.evaluate.runner import evaluate, lookup
 from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context
+from multitune.models.attention import skips_other_rows
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.runtime import compile_layers, eager_layers, use_cores
 from multitune.tasks.spec import higher_is_better
@@ -123,6 +124,7 @@ def train(
             raise MultituneError(f"train.compile: no repeated decoder layers found in {cfg.model}")
         say(f"[model] train.compile: {n_compiled} decoder layers compiled (dynamic shapes)")
 
+    pack_length = _pack_length(cfg, model, accelerator.device)
     l2sp = L2SP(model.named_parameters(), alpha=cfg.train.l2sp) if cfg.train.l2sp else None
     domain = DomainTerm(cfg, model.config.hidden_size) if cfg.train.domain is not None else None
 
@@ -214,10 +216,11 @@ def train(
         for micro in range(cfg.train.grad_accum):
             pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
             drawn = [encoded[t][i] for t, i in pairs]
-            batch = _batch(drawn, cfg, tokenizer.pad_token_id).to(accelerator.device)
+            batch = _batch(drawn, cfg, tokenizer.pad_token_id, pack_length).to(accelerator.device)
             sync = micro == cfg.train.grad_accum - 1
             if affinity is not None and micro == 0 and step % cfg.train.affinity_every == 0:
-                z = _measure_affinity(model, drawn, cfg, tokenizer.pad_token_id, params, affinity, accelerator.device)
+                layout = (tokenizer.pad_token_id, pack_length)
+                z = _measure_affinity(model, drawn, cfg, layout, params, affinity, accelerator.device)
                 per_pair = {f"{i}>{j}": {"affinity": z[i][j]} for i in z for j in z}
                 _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
             # the task context stays open through the backward: checkpointed layers recompute there
@@ -365,10 +368,23 @@ def train(
     return results
 
 
-def _batch(rows, cfg: RunConfig, pad_id: int):
+def _pack_length(cfg: RunConfig, model, device: torch.device) -> int:
+    """`train.pack_length`, or by default 2048 tokens where attention skips the other rows of a
+    packed sequence (a CPU: models/attention.py), `max_length` elsewhere. One sequence of a
+    whole step's rows leaves no padding, where sequences of at most 512 tokens left 5% of the
+    bench's cells: 1.07x (`python bench/parts.py --part layout`). Longer sequences would only add
+    to the mask, (length x length) floats. Where attention computes every row against every
+    other row (CUDA's kernels with a mask), the attention of a sequence costs its length squared,
+    so rows stay in `max_length` sequences there."""
+    if cfg.train.pack_length is not None:
+        return cfg.train.pack_length
+    return max(2048, cfg.train.max_length) if skips_other_rows(model, device) else cfg.train.max_length
+
+
+def _batch(rows, cfg: RunConfig, pad_id: int, pack_length: int):
     if not cfg.train.packing:
         return collate(rows, pad_id)
-    return pack(rows, pad_id, cfg.train.max_length, by_task=task_gated(cfg.method))
+    return pack(rows, pad_id, pack_length, by_task=task_gated(cfg.method))
 
 
 def _task_losses(row_loss: torch.Tensor, row_tasks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,12 +413,13 @@ def _balance(cfg: RunConfig, tasks: list[str]):
     return make_balancer(b.method, tasks, **options), None
 
 
-def _measure_affinity(model, rows, cfg: RunConfig, pad_id: int, params, tracker: PairAverage, device) -> dict:
-    """TAG lookahead affinity on this step's rows (dropout off: the losses must be comparable)."""
+def _measure_affinity(model, rows, cfg: RunConfig, layout: tuple, params, tracker: PairAverage, device) -> dict:
+    """TAG lookahead affinity on this step's rows (dropout off: the losses must be comparable);
+    `layout` is (pad id, pack length) as `_batch` takes them."""
     names = cfg.task_names
     by_task = {}
     for k in sorted({r.task_id for r in rows}):
-        by_task[names[k]] = _batch([r for r in rows if r.task_id == k], cfg, pad_id).to(device)
+        by_task[names[k]] = _batch([r for r in rows if r.task_id == k], cfg, *layout).to(device)
 
     def task_loss(name: str) -> torch.Tensor:
         batch = by_task[name]
