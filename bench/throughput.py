@@ -350,7 +350,7 @@ def main() -> None:
             "examples_per_s": len(rows) / sec,
             "target_tokens_per_s": targets / sec,
             "tokens_per_s": tokens / sec,
-            "padding_fraction": 1 - tokens / cells,
+            "padding_fraction": max(0.0, 1 - tokens / cells),  # cells come back from a rounded fraction
             "peak_rss_gib": rss[arm],
             "gflops": gflops,
             "peak_fraction": statistics.median(flops / m["seconds"] / 1e9 / m["peak"] for m in runs),
