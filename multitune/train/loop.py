@@ -23,7 +23,7 @@ from transformers import get_scheduler
 
 from multitune import run as rundir
 from multitune.config import RunConfig
-from multitune.data.collate import collate, pack
+from multitune.data.collate import Batch, collate, pack
 from multitune.data.mixing import TaskMixture
 from multitune.domain.regularize import L2SP
 from multitune.domain.term import DomainTerm
@@ -125,6 +125,10 @@ def train(
         say(f"[model] train.compile: {n_compiled} decoder layers compiled (dynamic shapes)")
 
     pack_length = _pack_length(cfg, model, accelerator.device)
+
+    def batch_of(rows: list) -> Batch:
+        return _batch(rows, cfg, tokenizer.pad_token_id, pack_length).to(accelerator.device)
+
     l2sp = L2SP(model.named_parameters(), alpha=cfg.train.l2sp) if cfg.train.l2sp else None
     domain = DomainTerm(cfg, model.config.hidden_size) if cfg.train.domain is not None else None
 
@@ -216,11 +220,10 @@ def train(
         for micro in range(cfg.train.grad_accum):
             pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
             drawn = [encoded[t][i] for t, i in pairs]
-            batch = _batch(drawn, cfg, tokenizer.pad_token_id, pack_length).to(accelerator.device)
+            batch = batch_of(drawn)
             sync = micro == cfg.train.grad_accum - 1
             if affinity is not None and micro == 0 and step % cfg.train.affinity_every == 0:
-                layout = (tokenizer.pad_token_id, pack_length)
-                z = _measure_affinity(model, drawn, cfg, layout, params, affinity, accelerator.device)
+                z = _measure_affinity(model, drawn, cfg, batch_of, params, affinity)
                 per_pair = {f"{i}>{j}": {"affinity": z[i][j]} for i in z for j in z}
                 _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
             # the task context stays open through the backward: checkpointed layers recompute there
@@ -372,7 +375,7 @@ def _pack_length(cfg: RunConfig, model, device: torch.device) -> int:
     """`train.pack_length`, or by default 2048 tokens where attention skips the other rows of a
     packed sequence (a CPU: models/attention.py), `max_length` elsewhere. One sequence of a
     whole step's rows leaves no padding, where sequences of at most 512 tokens left 5% of the
-    bench's cells: 1.07x (`python bench/parts.py --part layout`). Longer sequences would only add
+    bench's cells: 1.10x (`python bench/parts.py --part layout`). Longer sequences would only add
     to the mask, (length x length) floats. Where attention computes every row against every
     other row (CUDA's kernels with a mask), the attention of a sequence costs its length squared,
     so rows stay in `max_length` sequences there."""
@@ -413,13 +416,13 @@ def _balance(cfg: RunConfig, tasks: list[str]):
     return make_balancer(b.method, tasks, **options), None
 
 
-def _measure_affinity(model, rows, cfg: RunConfig, layout: tuple, params, tracker: PairAverage, device) -> dict:
+def _measure_affinity(model, rows, cfg: RunConfig, batch_of, params, tracker: PairAverage) -> dict:
     """TAG lookahead affinity on this step's rows (dropout off: the losses must be comparable);
-    `layout` is (pad id, pack length) as `_batch` takes them."""
+    `batch_of` lays rows out as the training steps do."""
     names = cfg.task_names
     by_task = {}
     for k in sorted({r.task_id for r in rows}):
-        by_task[names[k]] = _batch([r for r in rows if r.task_id == k], cfg, *layout).to(device)
+        by_task[names[k]] = batch_of([r for r in rows if r.task_id == k])
 
     def task_loss(name: str) -> torch.Tensor:
         batch = by_task[name]
