@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/multitune train examples/demo.yaml --overwrite
+	$(BIN)/multitune report runs/demo
 
 test: setup
 	$(BIN)/pytest -q

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
     p.add_argument("run", help="run dir")
 
+    p = sub.add_parser("report", help="one self-contained HTML page of a run: results, curves per task, heatmaps")
+    p.add_argument("run", help="run dir (finished or still training)")
+    p.add_argument("--out", help="HTML file (default: RUN/report.html)")
+
     p = sub.add_parser("affinity", help="lookahead task affinity (TAG) over a short run; proposes task clusters")
     p.add_argument("config", help="run YAML")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "gates":
             return _gates(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "affinity":
             return _affinity(args)
         if args.command == "compare":
@@ -165,6 +171,13 @@ def _gates(args) -> int:
     table, png = gates_run(Path(args.run))
     print(table)
     print(f"heatmap: {png}")
+    return 0
+
+
+def _report(args) -> int:
+    from multitune.report import write_report
+
+    print(f"report: {write_report(args.run, args.out)}")
     return 0
 
 

@@ -181,32 +181,35 @@ def write_results(run_dir: Path, results: dict, cfg: RunConfig) -> str:
 
 
 def results_table(results: dict, cfg: RunConfig) -> str:
-    """Per task: primary metric (and the second one when there is one), zero-shot vs fine-tuned."""
+    """The markdown form of `results_rows`."""
+    header, rows = results_rows(results, cfg)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_rows(results: dict, cfg: RunConfig) -> tuple[list[str], list[list[str]]]:
+    """Per task: primary metric (and the others), zero-shot vs fine-tuned, as formatted cells;
+    one source for results.md and the HTML report."""
     columns = [c for c in ("zero_shot", "fine_tuned") if c in results]
-    head = "| task | metric | " + " | ".join(c.replace("_", "-") for c in columns)
-    head += " | Δ |" if len(columns) == 2 else " |"
-    lines = [head, "|" + "---|" * (len(columns) + 2 + (len(columns) == 2))]
+    both = len(columns) == 2
+    header = ["task", "metric", *(c.replace("_", "-") for c in columns)] + (["Δ"] if both else [])
+    rows = []
     for task in cfg.tasks:
-        metrics = _metrics_of(task, results, columns)
-        for metric in metrics:
+        for metric in _metrics_of(task, results, columns):
             vals = [results[c]["tasks"].get(task.name, {}).get(metric) for c in columns]
-            cells = [f"{v:.1f}" if isinstance(v, int | float) else "-" for v in vals]
-            row = f"| {task.name} | {metric} | " + " | ".join(cells)
-            if len(columns) == 2:
+            row = [task.name, metric, *(f"{v:.1f}" if isinstance(v, int | float) else "-" for v in vals)]
+            if both:
                 a, b = vals
-                row += f" | {b - a:+.1f} |" if a is not None and b is not None else " | - |"
-            else:
-                row += " |"
-            lines.append(row)
+                row.append(f"{b - a:+.1f}" if a is not None and b is not None else "-")
+            rows.append(row)
     means = [results[c].get("mean") for c in columns]
     if any(m is not None for m in means):
-        row = "| **mean** | primary | " + " | ".join(f"{m:.1f}" if m is not None else "-" for m in means)
-        if len(columns) == 2 and None not in means:
-            row += f" | {means[1] - means[0]:+.1f} |"
-        else:
-            row += " |" + (" - |" if len(columns) == 2 else "")
-        lines.append(row)
-    return "\n".join(lines)
+        row = ["**mean**", "primary", *(f"{m:.1f}" if m is not None else "-" for m in means)]
+        if both:
+            row.append(f"{means[1] - means[0]:+.1f}" if None not in means else "-")
+        rows.append(row)
+    return header, rows
 
 
 def _metrics_of(task, results: dict, columns: list[str]) -> list[str]:

@@ -1,0 +1,168 @@
+"""The report page: everything a run left behind, on one HTML file that opens anywhere.
+
+Plots are embedded as base64 PNGs, so the file can be mailed or attached to an issue without the
+run directory; TensorBoard (RUN/tb) stays the tool for live, interactive curves.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from multitune import run as rundir
+from multitune.config import RunConfig
+from multitune.report.log import RUN_WIDE, read_metrics, series
+from multitune.report.plots import line_chart
+from multitune.tasks.spec import primary_metric
+
+REPORT = "report.html"
+IMAGES = {
+    "interference.png": "Mean gradient cosine per task pair (train.interference_every)",
+    "affinity.png": "Lookahead task affinity (multitune affinity / train.affinity_every)",
+    "gates.png": "Gate weights per task (multitune gates)",
+}
+TEXTS = {"affinity.md": "Task affinity and proposed clusters", "compare.md": "Single-task vs multi-task"}
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 10px; text-align: right; }
+th:first-child, td:first-child, td:nth-child(2) { text-align: left; }
+img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
+pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; font-size: 85%; }
+.up { color: #17603a; } .down { color: #a11; }
+"""
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write RUN/report.html (or `out`) from what the run dir holds now: it works on a finished run
+    and on one still training, and needs no model."""
+    run_dir = Path(run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    results = rundir.read_results(run_dir)
+    records = read_metrics(run_dir / rundir.METRICS)
+    body = [f"<h1>{_e(run_dir.name)}</h1>", _summary(cfg, results, records), _results(cfg, results)]
+    for title, charts in _charts(cfg, records):
+        if charts:
+            body.append(f"<h2>{_e(title)}</h2>")
+            body += [_img(line_chart(*chart), chart[0]) for chart in charts]
+    for name, caption in IMAGES.items():
+        if (run_dir / name).is_file():
+            body += [f"<h2>{_e(caption)}</h2>", _img((run_dir / name).read_bytes(), caption)]
+    for name, caption in TEXTS.items():
+        if (run_dir / name).is_file():
+            body += [f"<h2>{_e(caption)}</h2>", f"<pre>{_e((run_dir / name).read_text(encoding='utf-8'))}</pre>"]
+    body += ["<h2>Configuration</h2>", f"<pre>{_e((run_dir / rundir.CONFIG).read_text(encoding='utf-8'))}</pre>"]
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(run_dir.name)}: multitune report'
+        f"</title><style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+    target = Path(out) if out is not None else run_dir / REPORT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_atomic(target, page)
+    return target
+
+
+def _summary(cfg: RunConfig, results: dict, records: list[dict]) -> str:
+    train = results.get("train", {})
+    tasks = ", ".join(f"{t.name} ({t.kind})" for t in cfg.tasks)
+    method = cfg.method.name + (f", rank {cfg.method.rank}" if getattr(cfg.method, "rank", None) else "")
+    logged = max((r["step"] for r in records if r["split"] == "train"), default=0)
+    items = [
+        ("model", cfg.model),
+        ("method", method),
+        ("tasks", tasks),
+        ("steps", f"{train['steps']}" if "steps" in train else f"{logged} logged so far (training not finished)"),
+    ]
+    if "trainable_parameters" in train:
+        n, total = train["trainable_parameters"], train["total_parameters"]
+        items.append(("trainable parameters", f"{n:,} of {total:,} ({100 * n / total:.2f}%)"))
+    if "seconds" in train:
+        items.append(
+            (
+                "training time",
+                f"{train['seconds']:.0f} s, {train['tokens_per_s']} tokens/s, "
+                f"{100 * train['padding_fraction']:.1f}% padding",
+            )
+        )
+    if any(train.get("truncated_rows", {}).values()):
+        cut = ", ".join(f"{t} {n}" for t, n in train["truncated_rows"].items() if n)
+        items.append(("rows cut to max_length", cut))
+    if "retention" in results:
+        r = results["retention"]
+        items.append(
+            ("general-text perplexity", f"{r['before']:.2f} before, {r['after']:.2f} after ({r['change_pct']:+.1f}%)")
+        )
+    return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(str(v))}</td></tr>" for k, v in items) + "</table>"
+
+
+def _results(cfg: RunConfig, results: dict) -> str:
+    if not any(c in results for c in ("zero_shot", "fine_tuned")):
+        return "<p>No evaluation results yet.</p>"
+    header, rows = rundir.results_rows(results, cfg)
+    out = ["<h2>Results</h2>", "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            text = _e(cell.strip("*"))
+            if cell.startswith("**"):
+                text = f"<b>{text}</b>"
+            if header[i] == "Δ" and cell[:1] in "+-" and cell != "-":
+                text = f'<span class="{"down" if cell.startswith("-") else "up"}">{text}</span>'
+            cells.append(f"<td>{text}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _charts(cfg: RunConfig, records: list[dict]) -> list[tuple[str, list[tuple]]]:
+    """(section, [(title, series, y label, log y)]) for every figure the log holds."""
+    order = [t.name for t in cfg.tasks]
+
+    def ordered(lines: dict, run_wide: str | None = None) -> dict:
+        out = {k: lines[k] for k in order if k in lines}
+        out |= {k: v for k, v in lines.items() if k not in out and k != RUN_WIDE}
+        if run_wide is not None and RUN_WIDE in lines:
+            out[run_wide] = lines[RUN_WIDE]
+        return out
+
+    def run_wide(split: str, key: str, label: str) -> dict:
+        lines = series(records, split, key)
+        return {label: lines[RUN_WIDE]} if RUN_WIDE in lines else {}
+
+    loss = ordered(series(records, "train", "loss"), "all rows")
+    training = [
+        ("training loss per task (mean token NLL)", loss, "loss", True),
+        ("learning rate", run_wide("train", "lr", "lr"), "lr", False),
+        ("gradient norm (before clipping)", run_wide("train", "grad_norm", "grad norm"), "norm", False),
+        ("task weights (train.balance)", ordered(series(records, "train", "weight")), "weight", False),
+        ("domain loss (train.domain)", run_wide("train", "domain_loss", "domain loss"), "loss", False),
+        ("domain classifier accuracy (DANN)", run_wide("train", "domain_accuracy", "accuracy"), "accuracy", False),
+    ]
+    scored, perplexity = {}, {}
+    for task in cfg.tasks:
+        metric = primary_metric(task)
+        lines = series(records, "dev", metric)
+        if task.name in lines:
+            (perplexity if metric == "perplexity" else scored)[f"{task.name} ({metric})"] = lines[task.name]
+    if scored:
+        scored |= run_wide("dev", "mean", "mean")
+    dev = [
+        ("dev: primary metric per task", scored, "score (0-100)", False),
+        ("dev: perplexity of text tasks", perplexity, "perplexity", True),
+        ("general-text perplexity (retention)", run_wide("dev", "retention_perplexity", "ppl"), "perplexity", True),
+    ]
+    tasks_vs_tasks = [
+        ("gradient cosine per task pair", ordered(series(records, "interference", "cosine")), "cosine", False),
+        ("share of conflicting task pairs", run_wide("interference", "conflict_rate", "conflict rate"), "share", False),
+        ("lookahead affinity (i>j: i's step on j's loss)", ordered(series(records, "affinity", "affinity")), "", False),
+    ]
+    sections = [("Training", training), ("Evaluation during training", dev), ("Tasks vs tasks", tasks_vs_tasks)]
+    return [(section, [c for c in charts if c[1]]) for section, charts in sections]
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)

@@ -1,0 +1,153 @@
+"""`multitune report`: the HTML page of a run, from a real tiny run."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from multitune import run as rundir
+from multitune.cli import main
+from multitune.config import validate_config
+from multitune.report.log import RUN_WIDE, read_metrics, series
+from multitune.train.loop import train
+
+
+def _images(page: str) -> dict[str, bytes]:
+    found = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)">', page)
+    return {alt: base64.b64decode(data) for alt, data in found}
+
+
+def _cells(page: str, first_row: str) -> list[list[str]]:
+    """The text of every cell of the table whose header row starts with `first_row`."""
+    table = page[page.index(f"<tr><th>{first_row}</th>") :]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)
+    return [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", r)] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    from tests.conftest import task_rte, task_sst2
+
+    out = tmp_path_factory.mktemp("report") / "run"
+    cfg = validate_config(
+        {
+            "model": str(tiny_model_dir),
+            "method": {"name": "lora", "rank": 4, "alpha": 8},
+            "tasks": [task_sst2(), task_rte()],
+            "train": {
+                "max_steps": 6,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "max_length": 96,
+                "log_every": 2,
+                "eval_every": 3,
+                "interference_every": 2,
+                "balance": {"method": "dwa"},
+                "seed": 0,
+            },
+            "eval": {"max_new_tokens": 6, "batch_size": 8, "zero_shot": True},
+            "output": str(out),
+        }
+    )
+    train(cfg)
+    return out, cfg
+
+
+def test_report_holds_the_results_table_and_a_chart_per_logged_figure(finished_run, capsys):
+    run, cfg = finished_run
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {run / 'report.html'}"
+    page = (run / "report.html").read_text(encoding="utf-8")
+
+    header, rows = rundir.results_rows(rundir.read_results(run), cfg)
+    assert _cells(page, "task") == [header] + [[c.strip("*") for c in row] for row in rows]
+    assert len(rows) == 5  # accuracy and macro_f1 of two tasks, and the mean
+
+    images = _images(page)
+    assert set(images) == {
+        "training loss per task (mean token NLL)",
+        "learning rate",
+        "gradient norm (before clipping)",
+        "task weights (train.balance)",
+        "dev: primary metric per task",
+        "gradient cosine per task pair",
+        "share of conflicting task pairs",
+        "Mean gradient cosine per task pair (train.interference_every)",
+    }
+    for alt, png in images.items():
+        pixels = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert pixels.ndim == 3 and min(pixels.shape[:2]) > 100, alt
+    assert "6</td>" in page and "sst2 (classification), rte (classification)" in page
+    assert "max_steps: 6" in page  # the configuration, verbatim
+
+
+def test_series_are_the_logged_figures(finished_run):
+    run, _ = finished_run
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = series(read_metrics(run / "metrics.jsonl"), "train", "loss")
+    assert set(loss) == {RUN_WIDE, "sst2", "rte"}
+    assert loss["sst2"] == (
+        [r["step"] for r in lines if r["split"] == "train" and r.get("task") == "sst2"],
+        [r["loss"] for r in lines if r["split"] == "train" and r.get("task") == "sst2"],
+    )
+    assert loss[RUN_WIDE][0] == [2, 4, 6]
+    dev = series(read_metrics(run / "metrics.jsonl"), "dev", "accuracy")
+    assert dev["rte"][0] == [3, 6]
+
+
+def test_report_of_a_run_still_training(finished_run, tmp_path):
+    run, _ = finished_run
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(run / "config.yaml", partial)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    # the first logged step, and a last line cut off halfway through its writing
+    first = [line for line in lines if json.loads(line)["step"] == 2]
+    (partial / "metrics.jsonl").write_text("\n".join(first) + "\n" + lines[-1][:20])
+    page = write_and_read(partial)
+    assert "2 logged so far (training not finished)" in page
+    assert "No evaluation results yet." in page
+    assert "training loss per task (mean token NLL)" in _images(page)
+    assert "dev: primary metric per task" not in _images(page)
+
+
+def write_and_read(run: Path) -> str:
+    assert main(["report", str(run), "--out", str(run / "r.html")]) == 0
+    return (run / "r.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"step": 1, "split": "train"', ":2: not JSON (Expecting ',' delimiter)"),
+        ('{"split": "train", "loss": 1.0}', ":2: field 'step' must be an integer, got None"),
+        ('{"step": 1, "split": 3}', ":2: field 'split' must be a string, got 3"),
+        ("[1, 2]", ":2: not a JSON object"),
+    ],
+)
+def test_a_bad_metrics_line_is_one_error_and_leaves_the_old_report(finished_run, tmp_path, capsys, line, message):
+    run, _ = finished_run
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(run / "config.yaml", bad)
+    (bad / "report.html").write_text("earlier report")
+    good = (run / "metrics.jsonl").read_text().splitlines()[0]
+    (bad / "metrics.jsonl").write_text(f"{good}\n{line}\n{good}\n")
+    assert main(["report", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"multitune: error: {bad / 'metrics.jsonl'}{message}"
+    assert (bad / "report.html").read_text() == "earlier report"
+
+
+def test_report_of_a_dir_that_is_no_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"multitune: error: {tmp_path / 'nowhere'} is not a run directory (no config.yaml)"
