@@ -148,6 +148,28 @@ def test_truncation_cuts_the_prompt_start_never_the_target(tiny_model_dir):
     assert not enc.encode(Example("t", "short", "positive")).truncated
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # chat tokenizer (no bos) and plain (bos first)
+@pytest.mark.parametrize("max_length", [8, 40])
+def test_text_windows_predict_every_token_once(arch, max_length, tiny_model_dirs):
+    enc, tok = _encoder(tiny_model_dirs[arch], max_length=max_length)
+    text = "Glucose-6-phosphate dehydrogenase deficiency is common in malaria regions. " * 4
+    ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    if arch == "gpt2":
+        ids = [tok.bos_token_id] + ids
+    windows = enc.windows(Example("t", text, None))
+    assert len(windows) == -(-(len(ids) - 1) // (max_length - 1)) > 1
+    assert all(len(w.input_ids) <= max_length and not w.truncated and w.task_id == 0 for w in windows)
+    predicted = [t for w in windows for t in w.labels if t != IGNORE]
+    assert predicted == ids[1:]  # each token after the first, once, in order
+    for w, nxt in zip(windows, windows[1:], strict=False):
+        assert w.labels[0] == IGNORE and nxt.input_ids[0] == w.input_ids[-1]  # one shared token
+    short = tok("short", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    short = [tok.bos_token_id] + short if arch == "gpt2" else short
+    assert [w.input_ids for w in enc.windows(Example("t", "short", None))] == [short]
+    with pytest.raises(ValueError, match="Encoder.windows"):
+        enc.encode(Example("t", text, None))
+
+
 def test_collate_left_pads_and_keeps_positions(tiny_model_dir):
     enc, tok = _encoder(tiny_model_dir)
     a = enc.encode(Example("t", "a much longer prompt here", "positive"))

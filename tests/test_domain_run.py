@@ -80,8 +80,7 @@ def test_retention_perplexity_before_and_after(run_config, tmp_path, tiny_model_
     model, tok = load_base_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     encoder = rundir.make_encoder(cfg, tok)
     nll = count = 0.0
-    for ex in retention_examples(cfg):
-        enc = encoder.encode(Example(ex.task, ex.prompt, None))
+    for enc in (w for ex in retention_examples(cfg) for w in encoder.windows(Example(ex.task, ex.prompt, None))):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0, :-1]
         labels = torch.tensor(enc.labels[1:])
@@ -185,3 +184,23 @@ def test_replay_of_general_text_is_a_text_task_in_the_mixture(run_config, tmp_pa
     train(validate_config(raw))
     rows = {r["task"]: r["rows"] for r in _records(tmp_path / "run", "train") if "task" in r}
     assert rows["sst2"] + rows["general"] == 64 and 8 <= rows["general"] <= 24
+
+
+def test_dapt_trains_on_every_window_of_long_documents(run_config, capsys):
+    cfg = validate_config(
+        run_config(
+            tasks=[_pubmed(n_train=8, n_eval=2)],
+            train={"max_steps": None, "epochs": 1, "batch_size": 4},
+            eval={"zero_shot": False},
+        )
+    )
+    from multitune.models.base import load_tokenizer
+
+    encoder = rundir.make_encoder(cfg, load_tokenizer(cfg.model))
+    docs = rundir.load_examples(cfg, "train")["pubmed"]
+    n = sum(len(encoder.windows(ex)) for ex in docs)
+    assert n > 2 * len(docs)  # abstracts run to several windows of 96 tiny-vocabulary tokens
+    results = train(cfg)
+    assert results["train"]["steps"] == math.ceil(n / 4)  # an epoch is every window once
+    assert results["train"]["truncated_rows"] == {"pubmed": 0}
+    assert f"[data] pubmed: 8 documents in {n} windows of at most 96 tokens" in capsys.readouterr().out

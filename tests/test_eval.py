@@ -154,12 +154,15 @@ def test_text_perplexity_matches_the_model_loss(tiny_model_dir, run_config):
     rows = rundir.load_examples(cfg, "dev")["pub"]
     result = evaluate(model, enc, cfg, {"pub": rows})
     nll = count = 0
-    for ex in rows:
-        ids = enc.encode(ex).input_ids
+    windows = [w.input_ids for ex in rows for w in enc.windows(ex)]
+    assert len(windows) > len(rows)  # abstracts are longer than max_length 96: several windows each
+    for ids in windows:
         with torch.no_grad():
             out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]))
         nll += out.loss.item() * (len(ids) - 1)
         count += len(ids) - 1
+    full = [tok(ex.prompt, add_special_tokens=False).input_ids + [tok.eos_token_id] for ex in rows]
+    assert count == sum(len(ids) - 1 for ids in full)  # every token after the first, once
     assert result["tasks"]["pub"]["perplexity"] == pytest.approx(float(torch.exp(torch.tensor(nll / count))), rel=1e-4)
     assert result["mean"] is None  # perplexity stays out of the mean
 

@@ -5,6 +5,7 @@ answer in that format), and the target ends with the end-of-turn token so that g
 learns to stop. Rows longer than `max_length` lose tokens from the start of the prompt text,
 never from the chat wrapper or the target: for QA and summarisation the question and the
 instruction usually sit at the end of the prompt, and the target is what is being learned.
+Unlabelled text loses nothing: a long document becomes several windows of `max_length` tokens.
 """
 
 from __future__ import annotations
@@ -82,18 +83,33 @@ class Encoder:
         return self.head + body + self.tail, cut
 
     def encode(self, ex: Example) -> Encoded:
+        """One labelled example; unlabelled text goes through `windows`."""
+        if ex.target is None:
+            raise ValueError("Encoder.encode needs a target: unlabelled text is encoded by Encoder.windows")
         task_id = self.task_ids[ex.task]
-        if ex.target is None:  # unlabelled text: every token is a target, keep the start
-            ids = self.tok(ex.prompt, add_special_tokens=False).input_ids + [self.eos]
-            bos = self.tok.bos_token_id
-            if bos is not None and not self.use_chat:
-                ids = [bos] + ids
-            cut = len(ids) > self.max_length
-            ids = ids[: self.max_length]
-            return Encoded(ids, [IGNORE] + ids[1:], task_id, cut)  # nothing predicts token 0
         target = self.target_ids(ex.target)
         cut_target = len(target) > self.max_length // 2
         if cut_target:  # a target longer than half the window: keep its start, say so
             target = target[: self.max_length // 2]
         prompt, cut = self.prompt_ids(ex.prompt, reserve=len(target))
         return Encoded(prompt + target, [IGNORE] * len(prompt) + target, task_id, cut or cut_target)
+
+    def windows(self, ex: Example) -> list[Encoded]:
+        """Unlabelled text as rows of at most max_length tokens, every token a target.
+
+        Consecutive windows share one token (a window's first token has nothing before it to be
+        predicted from), so each token after the document's first is predicted exactly once: no
+        text is lost to truncation, and the perplexity over a document's windows is that of the
+        whole document with a context of at most max_length tokens.
+        """
+        ids = self.tok(ex.prompt, add_special_tokens=False).input_ids + [self.eos]
+        bos = self.tok.bos_token_id
+        if bos is not None and not self.use_chat:
+            ids = [bos] + ids
+        task_id = self.task_ids[ex.task]
+        stride = self.max_length - 1
+        out = []
+        for start in range(0, max(len(ids) - 1, 1), stride):
+            window = ids[start : start + self.max_length]
+            out.append(Encoded(window, [IGNORE] + window[1:], task_id, False))  # nothing predicts token 0
+        return out

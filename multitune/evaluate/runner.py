@@ -308,16 +308,18 @@ TEXT_CELLS = 8192
 
 
 def text_nll(model, encoder: Encoder, examples, batch_size) -> list[dict]:
-    encoded = [encoder.encode(ex) for ex in examples]
-    results: list[dict] = [{}] * len(examples)
-    for rows in length_batches([len(e.input_ids) for e in encoded], batch_size, max_cells=TEXT_CELLS):
-        batch = collate([encoded[i] for i in rows], encoder.tok.pad_token_id)
+    """Summed NLL and predicted-token count of each text, over all its windows (`Encoder.windows`)."""
+    windows = [(i, w) for i, ex in enumerate(examples) for w in encoder.windows(ex)]
+    nll, count = [0.0] * len(examples), [0] * len(examples)
+    for rows in length_batches([len(w.input_ids) for _, w in windows], batch_size, max_cells=TEXT_CELLS):
+        batch = collate([windows[j][1] for j in rows], encoder.tok.pad_token_id)
         logp, owner = target_logprobs(model, batch.to(_device(model)))
-        nll = torch.zeros(len(rows)).index_add_(0, owner.cpu(), -logp.cpu())
-        count = torch.zeros(len(rows)).index_add_(0, owner.cpu(), torch.ones(len(owner)))
-        for i, n, c in zip(rows, nll.tolist(), count.tolist(), strict=True):
-            results[i] = {"prediction": None, "nll": n, "tokens": int(c)}
-    return results
+        row_nll = torch.zeros(len(rows)).index_add_(0, owner.cpu(), -logp.cpu())
+        row_count = torch.zeros(len(rows)).index_add_(0, owner.cpu(), torch.ones(len(owner)))
+        for j, n, c in zip(rows, row_nll.tolist(), row_count.tolist(), strict=True):
+            nll[windows[j][0]] += n
+            count[windows[j][0]] += int(c)
+    return [{"prediction": None, "nll": n, "tokens": c} for n, c in zip(nll, count, strict=True)]
 
 
 def score(task: TaskConfig, examples: list[Example], preds: list[dict]) -> dict[str, float]:

@@ -87,14 +87,21 @@ def train(
 
     model, tokenizer = rundir.load_base(cfg)
     encoder = rundir.make_encoder(cfg, tokenizer)
-    encoded = {t: [encoder.encode(ex) for ex in rows] for t, rows in train_rows.items()}
+    encoded = {
+        t: [row for ex in rows for row in (encoder.windows(ex) if ex.target is None else [encoder.encode(ex)])]
+        for t, rows in train_rows.items()
+    }
     truncated = {t: sum(e.truncated for e in rows) for t, rows in encoded.items()}
     for t, n in truncated.items():
         if n:
             say(
                 f"[data] {t}: {n} of {len(encoded[t])} train rows longer than max_length "
-                f"{cfg.train.max_length} were truncated "
-                f"({'their end' if cfg.task(t).kind == 'text' else 'prompt side'})"
+                f"{cfg.train.max_length} were truncated (prompt side)"
+            )
+        elif len(encoded[t]) > len(train_rows[t]):
+            say(
+                f"[data] {t}: {len(train_rows[t])} documents in {len(encoded[t])} windows of at most "
+                f"{cfg.train.max_length} tokens"
             )
 
     results = rundir.read_results(run_dir) if resume else {}
