@@ -5,7 +5,7 @@ Loss weightings need only the per-task losses (no extra backward); surgery needs
 task present in the batch; `interference_every=1` adds the per-task gradients for measuring, and
 `affinity_every=1` adds TAG's lookahead (K forwards and backwards + K x K forwards on sub-batches).
 
-    python bench/balance.py                 # bundled model, 4 tasks, 4 steps per variant (~8 minutes)
+    python bench/balance.py                 # bundled model, 4 tasks, 4 steps per variant (~10 minutes)
     python bench/balance.py --steps 2       # a quick look
 """
 
@@ -41,6 +41,8 @@ VARIANTS = {
     "pcgrad": {"balance": "pcgrad"},
     "cagrad": {"balance": "cagrad"},
     "aligned_mtl": {"balance": "aligned_mtl"},
+    "mgda": {"balance": "mgda"},
+    "imtl_g": {"balance": "imtl_g"},
     "interference_every=1": {"interference_every": 1},
     "affinity_every=1": {"affinity_every": 1},
 }

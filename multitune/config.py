@@ -165,7 +165,7 @@ class EarlyStoppingConfig(Strict):
 
 
 BALANCE_WEIGHTINGS = ("equal", "static", "uncertainty", "dwa", "famo")
-BALANCE_SURGERY = ("pcgrad", "cagrad", "aligned_mtl")
+BALANCE_SURGERY = ("pcgrad", "cagrad", "aligned_mtl", "mgda", "imtl_g")
 
 
 class BalanceConfig(Strict):
@@ -173,7 +173,9 @@ class BalanceConfig(Strict):
     the mixture alone sets each task's share; a loss weighting; or gradient surgery on the per-task
     gradients (coordinates that only one task reaches, such as task-specific experts, are left as is)."""
 
-    method: Literal["rows", "equal", "static", "uncertainty", "dwa", "famo", "pcgrad", "cagrad", "aligned_mtl"] = "rows"
+    method: Literal[
+        "rows", "equal", "static", "uncertainty", "dwa", "famo", "pcgrad", "cagrad", "aligned_mtl", "mgda", "imtl_g"
+    ] = "rows"
     weights: dict[str, float] | None = Field(None, description="static: weight per task")
     temperature: float = Field(2.0, gt=0, description="dwa: softmax temperature")
     beta: float = Field(0.9, ge=0, lt=1, description="dwa: smoothing of the step losses")

@@ -8,7 +8,17 @@ import torch
 
 from multitune.errors import MultituneError
 from multitune.train.objectives import BALANCERS, make_balancer
-from multitune.train.surgery import SURGERY, _pcgrad_rows, aligned_mtl, cagrad, pcgrad, per_task_grads, write_grad
+from multitune.train.surgery import (
+    SURGERY,
+    _pcgrad_rows,
+    aligned_mtl,
+    cagrad,
+    imtl_g,
+    mgda,
+    pcgrad,
+    per_task_grads,
+    write_grad,
+)
 
 ALL = torch.tensor([True, True])
 
@@ -170,11 +180,70 @@ def test_aligned_mtl_is_the_procrustes_solution():
     assert torch.allclose(aligned_mtl(G).double(), expected, atol=1e-5)
 
 
+# --- MGDA and IMTL-G ----------------------------------------------------------------------------
+
+
+def _simplex_grid(k: int, n: int = 200) -> np.ndarray:
+    """Points of the simplex of 2 or 3 weights, step 1/n."""
+    if k == 2:
+        return np.array([(i / n, 1 - i / n) for i in range(n + 1)])
+    return np.array([(i / n, j / n, 1 - (i + j) / n) for i in range(n + 1) for j in range(n + 1 - i)])
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        ([2, 0], [-1, 1]),  # a conflicting pair: the min-norm point is inside the segment
+        ([1, 0, 0.5], [-0.8, 1, 0], [0.2, -0.9, 1]),
+        ([1, 1, 0], [2, 2.5, 0], [0.5, 0.4, 0.1]),  # one row near the others' hull: a vertex or an edge
+    ],
+)
+def test_mgda_is_the_min_norm_point_of_the_hull(rows):
+    G = t(*rows)
+    k = G.shape[0]
+    d = mgda(G).double() / k  # the convex combination
+    norms = np.linalg.norm(_simplex_grid(k) @ G.double().numpy(), axis=1)
+    assert float(d.norm()) <= norms.min() + 1e-6  # float32 gradients
+    assert float(d.norm()) == pytest.approx(norms.min(), abs=5e-3)  # the grid's step
+    assert (G.double() @ d >= (d @ d) - 1e-6).all()  # no task's loss rises along d
+
+
+def test_mgda_by_hand():
+    # two tasks: w1 = clip((g2 - g1) . g2 / |g1 - g2|^2, 0, 1); (2,0), (-1,1): w1 = 4/10 -> d = (0.2, 0.6)
+    assert torch.allclose(mgda(t([2, 0], [-1, 1])), 2 * torch.tensor([0.2, 0.6]), atol=1e-6)
+    for G in (t([1, 1, 0], [-1, 1, 0]), t([1, 2], [1, 2])):  # orthogonal equal norms; identical
+        assert torch.allclose(mgda(G), G.sum(0), atol=1e-6)
+    assert torch.allclose(mgda(t([1, 2], [-1, -2])), torch.zeros(2), atol=1e-6)  # Pareto-stationary
+    assert torch.equal(mgda(torch.zeros(2, 3)), torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [([2, 0], [-1, 1]), ([1, 0, 0.5], [-0.8, 1, 0], [0.2, -0.9, 1]), ([10, 0, 0], [0, 0.1, 0], [1, 1, 1])],
+)
+def test_imtl_g_projects_equally_on_every_task(rows):
+    G = t(*rows).double()
+    d = imtl_g(G)
+    units = G / G.norm(dim=1, keepdim=True)
+    projections = units @ d
+    assert torch.allclose(projections, projections[0].expand_as(projections), rtol=1e-9)
+    alpha = torch.linalg.lstsq(G.T, d / G.shape[0]).solution  # d / K is a combination whose weights sum to 1
+    assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_imtl_g_by_hand():
+    for G in (t([1, 1, 0], [-1, 1, 0]), t([1, 2], [1, 2])):  # orthogonal equal norms; identical
+        assert torch.allclose(imtl_g(G), G.sum(0), atol=1e-6)
+    # orthogonal, norms 2 and 1: equal projections need alpha = (1/3, 2/3): d / K = (2/3, 2/3)
+    assert torch.allclose(imtl_g(t([2, 0], [0, 1])), 2 * torch.tensor([2 / 3, 2 / 3]), atol=1e-6)
+    assert torch.equal(imtl_g(t([3, 4])), t([3, 4])[0])
+
+
 def test_surgery_registry():
-    assert set(SURGERY) == {"pcgrad", "cagrad", "aligned_mtl"}
+    assert set(SURGERY) == {"pcgrad", "cagrad", "aligned_mtl", "mgda", "imtl_g"}
     G = t([1, 0], [0, 1])  # no conflict, equal norms: the sum, (1, 1)
-    assert torch.allclose(SURGERY["pcgrad"](G), torch.tensor([1.0, 1.0]))
-    assert torch.allclose(SURGERY["aligned_mtl"](G), torch.tensor([1.0, 1.0]))
+    for name in ("pcgrad", "aligned_mtl", "mgda", "imtl_g"):
+        assert torch.allclose(SURGERY[name](G), torch.tensor([1.0, 1.0])), name
     # CAGrad: w = (.5,.5) so g_w = g0 and d = (1 + c) g0, times K / (1 + c^2)
     assert torch.allclose(SURGERY["cagrad"](G), torch.full((2,), 1.4 / 1.16), atol=1e-5)
 

@@ -30,6 +30,8 @@ def _train_losses(run_dir) -> list[tuple[int, str, float]]:
         "pcgrad",
         "cagrad",
         "aligned_mtl",
+        "mgda",
+        "imtl_g",
     ],
 )
 def test_every_balance_method_trains(balance, run_config, tmp_path):

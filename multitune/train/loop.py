@@ -51,7 +51,7 @@ from multitune.train.checkpoint import (
     save_weights_atomic,
 )
 from multitune.train.objectives import make_balancer
-from multitune.train.surgery import add_grad, aligned_mtl, cagrad, pcgrad, per_task_grads, surgery_direction
+from multitune.train.surgery import SURGERY, add_grad, cagrad, pcgrad, per_task_grads, surgery_direction
 
 
 def train(
@@ -413,8 +413,8 @@ def _balance(cfg: RunConfig, tasks: list[str]):
         return None, lambda grads, step: pcgrad(grads, torch.Generator().manual_seed(cfg.train.seed * 7919 + step))
     if b.method == "cagrad":
         return None, lambda grads, step: cagrad(grads, c=b.cagrad_c)
-    if b.method == "aligned_mtl":
-        return None, lambda grads, step: aligned_mtl(grads)
+    if b.method in SURGERY:  # no options, no state
+        return None, lambda grads, step: SURGERY[b.method](grads)
     options = {
         "static": {"weights": b.weights},
         "dwa": {"temperature": b.temperature, "beta": b.beta},

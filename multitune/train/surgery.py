@@ -13,7 +13,8 @@ Scale convention: every function returns a direction on the **sum scale**, the s
   multiply by K). With ``c > 0`` it is on the sum scale only roughly: CAGrad always moves beyond
   the mean gradient, e.g. K equal-norm orthogonal (or identical) gradients give
   ``(1 + c) / (1 + c^2) * G.sum(0)``, 1.21 x the sum for the default c = 0.4;
-* `aligned_mtl` returns ``G.sum(0)`` when the rows are orthogonal with equal norms.
+* `aligned_mtl` returns ``G.sum(0)`` when the rows are orthogonal with equal norms;
+* `mgda` and `imtl_g` return ``G.sum(0)`` when the rows are identical, or orthogonal with equal norms.
 
 Switching between plain training and surgery therefore needs no learning-rate change.
 """
@@ -145,7 +146,13 @@ def _cagrad_weights(gram: np.ndarray, c: float, iterations: int = 1000) -> np.nd
         aw = a @ w
         return ab + radius * aw / math.sqrt(max(float(w @ aw), 0.0) + smooth)
 
-    w = b.copy()
+    return _minimise_on_simplex(value, gradient, b.copy(), iterations)
+
+
+def _minimise_on_simplex(
+    value: Callable[[np.ndarray], float], gradient: Callable[[np.ndarray], np.ndarray], w: np.ndarray, iterations: int
+) -> np.ndarray:
+    """Projected gradient descent on {w >= 0, sum w = 1} with a backtracking step size (deterministic)."""
     f = value(w)
     step = 1.0
     for _ in range(iterations):
@@ -225,10 +232,55 @@ def aligned_mtl(G: torch.Tensor) -> torch.Tensor:
     return (alpha @ g64).to(G.dtype)
 
 
+def mgda(G: torch.Tensor) -> torch.Tensor:
+    """MGDA (Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization"), sum scale.
+
+    The min-norm point of the convex hull of the task gradients, d = w^T G with w on the simplex
+    minimising |w^T G|^2: a direction along which no task's loss rises (g_i . d >= |d|^2 for every
+    task), which shrinks towards zero as the tasks approach a Pareto-stationary point. Gradients are
+    not normalised first (LibMTL's default). The convex combination is multiplied by K, so that
+    identical rows, or orthogonal rows of equal norm, give exactly ``G.sum(0)``.
+    """
+    _check_grads(G)
+    k = G.shape[0]
+    g64 = G.double()
+    gram = (g64 @ g64.T).cpu().numpy()
+    scale = float(np.mean(np.diag(gram)))
+    if scale <= 0.0:  # every task gradient is zero
+        return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
+    a = gram / scale  # the minimiser does not depend on the scale; the step size does
+    w = _minimise_on_simplex(lambda w: float(w @ a @ w), lambda w: 2.0 * (a @ w), np.full(k, 1.0 / k), 1000)
+    return (torch.from_numpy(w).to(G.device) @ g64 * k).to(G.dtype)
+
+
+def imtl_g(G: torch.Tensor) -> torch.Tensor:
+    """IMTL-G (Liu et al. 2021, "Towards Impartial Multi-task Learning"), sum scale.
+
+    The combination d = sum_i alpha_i g_i, sum alpha = 1, whose projections on every task's unit
+    gradient u_i are equal (d . u_i the same for all i): no task is favoured, whatever the norms of
+    the gradients. Closed form as in the paper and LibMTL: with D = rows g_1 - g_i and U = rows
+    u_1 - u_i (i = 2..K), alpha_{2..K} = g_1 U^T (D U^T)^+ and alpha_1 = 1 - sum alpha_{2..K}; the
+    pseudo-inverse (LibMTL: the inverse) keeps duplicated rows well defined. Multiplied by K:
+    identical rows, or orthogonal rows of equal norm, give exactly ``G.sum(0)``.
+    """
+    _check_grads(G)
+    k = G.shape[0]
+    g64 = G.double()
+    if k == 1:
+        return G[0].clone()
+    units = g64 / g64.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    d, u = g64[:1] - g64[1:], units[:1] - units[1:]
+    rest = (g64[0] @ u.T) @ torch.linalg.pinv(d @ u.T)
+    alpha = torch.cat([1.0 - rest.sum().reshape(1), rest])
+    return (alpha @ g64 * k).to(G.dtype)
+
+
 SURGERY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "pcgrad": pcgrad,
     "cagrad": cagrad,
     "aligned_mtl": aligned_mtl,
+    "mgda": mgda,
+    "imtl_g": imtl_g,
 }
 
 
