@@ -34,7 +34,7 @@ def _cells(page: str, first_row: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
-    from tests.conftest import task_rte, task_sst2
+    from conftest import task_rte, task_sst2
 
     out = tmp_path_factory.mktemp("report") / "run"
     cfg = validate_config(
@@ -151,3 +151,17 @@ def test_report_of_a_dir_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"multitune: error: {tmp_path / 'nowhere'} is not a run directory (no config.yaml)"
+
+
+def test_delta_is_green_where_the_metric_got_better(tiny_model_dir):
+    from multitune.report.page import _results
+    from conftest import task_sst2
+
+    text_task = {"name": "pub", "kind": "text", "data": {"dev": "x"}}
+    cfg = validate_config({"model": str(tiny_model_dir), "tasks": [text_task, task_sst2()], "method": {"rank": 4}})
+    results = {
+        "zero_shot": {"tasks": {"pub": {"perplexity": 20.0}, "sst2": {"accuracy": 50.0, "macro_f1": 40.0}}},
+        "fine_tuned": {"tasks": {"pub": {"perplexity": 18.0}, "sst2": {"accuracy": 60.0, "macro_f1": 30.0}}},
+    }
+    spans = re.findall(r'<span class="(up|down)">([^<]*)</span>', _results(cfg, results))
+    assert spans == [("up", "-2.0"), ("up", "+10.0"), ("down", "-10.0")]

@@ -14,7 +14,7 @@ from multitune import run as rundir
 from multitune.config import RunConfig
 from multitune.report.log import RUN_WIDE, read_metrics, series
 from multitune.report.plots import line_chart
-from multitune.tasks.spec import primary_metric
+from multitune.tasks.spec import higher_is_better, primary_metric
 
 REPORT = "report.html"
 IMAGES = {
@@ -107,8 +107,9 @@ def _results(cfg: RunConfig, results: dict) -> str:
             text = _e(cell.strip("*"))
             if cell.startswith("**"):
                 text = f"<b>{text}</b>"
-            if header[i] == "Δ" and cell[:1] in "+-" and cell != "-":
-                text = f'<span class="{"down" if cell.startswith("-") else "up"}">{text}</span>'
+            if header[i] == "Δ" and cell[:1] in "+-" and cell != "-":  # green where the metric got better
+                better = cell.startswith("+") == higher_is_better(row[1])
+                text = f'<span class="{"up" if better else "down"}">{text}</span>'
             cells.append(f"<td>{text}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "\n".join(out) + "</table>"
