@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from conftest import task_rte, task_sst2
 
 from multitune import run as rundir
 from multitune.cli import main
@@ -34,8 +35,6 @@ def _cells(page: str, first_row: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
-    from conftest import task_rte, task_sst2
-
     out = tmp_path_factory.mktemp("report") / "run"
     cfg = validate_config(
         {
@@ -155,7 +154,6 @@ def test_report_of_a_dir_that_is_no_run(tmp_path, capsys):
 
 def test_delta_is_green_where_the_metric_got_better(tiny_model_dir):
     from multitune.report.page import _results
-    from conftest import task_sst2
 
     text_task = {"name": "pub", "kind": "text", "data": {"dev": "x"}}
     cfg = validate_config({"model": str(tiny_model_dir), "tasks": [text_task, task_sst2()], "method": {"rank": 4}})
