@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from multitune.config import RunConfig, apply_override, load_config, resolve_pat
 from multitune.data.sources import parse_jsonl, row_to_example
 from multitune.errors import MultituneError
 from multitune.evaluate.runner import evaluate, predict
+from multitune.lock import RunLock
 from multitune.runtime import use_cores
 
 
@@ -37,10 +39,11 @@ def evaluate_run(
 ) -> str:
     """Evaluate a run's model (or the base model) and return the markdown table.
 
-    For a run dir, the result is stored in its results.json (`fine_tuned`, or `zero_shot` with
-    base=True) so that the table keeps both columns. `tasks_from`: evaluate on the tasks of
-    another run YAML instead (then nothing is stored); tasks a task-gated model was not trained
-    on need `task_fallback` ("common": its common experts only).
+    For a run dir, the result goes to a file of its own, `RUN/evals/<time>-<model>-<split>-n<rows>
+    .json` (and `.md`): the run's results.json stays the record of its training. The table sets
+    the new column beside the run's own zero-shot one only when both scored the same rows of
+    the same split. `tasks_from`: evaluate on the tasks of another run YAML instead; tasks a
+    task-gated model was not trained on need `task_fallback` ("common": its common experts only).
     """
     cfg, run_dir = _config_for(target, overrides or [])
     use_cores(cfg.train.threads)
@@ -51,6 +54,8 @@ def evaluate_run(
     if run_dir is None and not base:
         base = True  # a YAML file has no trained model: evaluate its base model
     rows = rundir.load_examples(cfg, cfg.eval.split)
+    if not rows:
+        raise MultituneError(f"no task of {target} has a {cfg.eval.split} split: nothing to evaluate")
     if base:
         model, tokenizer = rundir.load_base(cfg)
     else:
@@ -58,11 +63,9 @@ def evaluate_run(
     gate_ids = _gate_ids(model, cfg.task_names, task_fallback)
     result = evaluate(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, gate_ids=gate_ids)
     key = "zero_shot" if base else "fine_tuned"
-    if run_dir is not None and tasks_from is None and split in (None, rundir.load_run_config(run_dir).eval.split):
-        results = rundir.read_results(run_dir)
-        results[key] = result
-        return rundir.write_results(run_dir, results, cfg)
-    return rundir.results_table({key: result}, cfg)
+    if run_dir is None:
+        return rundir.results_table({key: result}, cfg)
+    return rundir.write_evaluation(run_dir, key, cfg.eval.split, result, cfg, paired=tasks_from is None)
 
 
 def _gate_ids(model, names: list[str], fallback: str | None) -> dict[str, int] | None:
@@ -128,26 +131,35 @@ def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = Non
     into B, rank = its common + specific ranks). merged: full safetensors weights with the update
     merged in (for task-gated experts: task `task`'s).
     """
-    import shutil
-
     from multitune.config import EXPERT_METHODS
 
     cfg = rundir.load_run_config(run_dir)
     method = cfg.method.name
     if method in EXPERT_METHODS and task is None:
         raise MultituneError(f"{method} keeps one update per task: pass --task (one of {', '.join(cfg.task_names)})")
-    if task is not None and method in EXPERT_METHODS:
-        cfg.task(task)  # unknown task: clear error
+    if task is not None:
+        cfg.task(task)  # unknown task: clear error, for every method
     if method == "adapter" and fmt != "merged":
         raise MultituneError(
             f"an adapter run has no LoRA to export: its PEFT adapter is {Path(run_dir) / rundir.MODEL} "
             "(load it with multitune imported)"
         )
-    out = Path(out) if out is not None else Path(run_dir) / "export" / f"{task or method}-{fmt}"
-    if out.exists() and any(out.iterdir()):
+    out = Path(out) if out is not None else rundir.child(Path(run_dir) / "export", f"{task or method}-{fmt}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
+    with RunLock(run_dir):
+        return _export(Path(run_dir), cfg, task, fmt, out)
+
+
+def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path) -> Path:
+    import shutil
+
+    from multitune.config import EXPERT_METHODS
+
+    method = cfg.method.name
     model, tokenizer = rundir.load_trained_model(run_dir, cfg)
-    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if method == "adapter":
         from multitune.methods.adapter import MERGE_ERROR
@@ -182,7 +194,8 @@ def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = Non
     else:
         raise MultituneError(f"unknown export format '{fmt}': use peft-lora or merged")
     tokenizer.save_pretrained(str(tmp))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # an empty folder the user made for it
+        out.rmdir()
     tmp.rename(out)
     return out
 

@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.balance=pcgrad output=runs/x-pcgrad")
     p.add_argument("--singles", help="dir of the single-task runs (default: <output>-single); share it across variants")
     p.add_argument("--reuse", action="store_true", help="read finished runs instead of training them again")
-    p.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs of runs it trains")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs of runs it trains")
+    g.add_argument(
+        "--resume", action="store_true", help="reuse finished runs, continue interrupted ones from their checkpoint"
+    )
 
     args = parser.parse_args(argv)
     from multitune.errors import MultituneError
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("multitune: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the system refuses (too long, no permission, disk full): one line too
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"multitune: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 def _quiet_libraries() -> None:
@@ -132,11 +140,24 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from multitune.api import predict_rows
+    import os
+    import tempfile
 
-    source = open(args.input, encoding="utf-8") if args.input else sys.stdin
+    from multitune.api import predict_rows
+    from multitune.errors import MultituneError
+
+    if args.input and not Path(args.input).is_file():
+        raise MultituneError(f"--input {args.input}: no such file")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise MultituneError(f"--output {out} is a directory: name a file")
+        if args.input and out.exists() and out.samefile(args.input):
+            raise MultituneError(f"--output {out} is the --input file: write the predictions to another file")
+        if not out.parent.is_dir():
+            raise MultituneError(f"--output {out}: folder {out.parent} does not exist")
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
     name = args.input or "<stdin>"
-    sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         rows = predict_rows(
             Path(args.run),
@@ -147,13 +168,23 @@ def _predict(args) -> int:
             tasks_from=args.tasks_from,
             task_fallback=args.task_fallback,
         )
-        for row in rows:
-            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if not args.output:
+            for row in rows:
+                sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return 0
+        # written whole or not at all: an existing file is replaced only once every row is done
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as sink:
+                for row in rows:
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     finally:
         if args.input:
             source.close()
-        if args.output:
-            sink.close()
     return 0
 
 
@@ -202,7 +233,16 @@ def _affinity(args) -> int:
 def _compare(args) -> int:
     from multitune.study import compare_run
 
-    print(compare_run(args.config, args.overrides, singles=args.singles, reuse=args.reuse, overwrite=args.overwrite))
+    print(
+        compare_run(
+            args.config,
+            args.overrides,
+            singles=args.singles,
+            reuse=args.reuse,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
+    )
     return 0
 
 

@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from multitune.errors import MultituneError
 
 TASK_KINDS = ("classification", "generation", "extractive_qa", "text")
+BIG = 1 << 16  # upper bound of sizes and counts: past it a value is a typo that would hang or exhaust memory
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are typos or overflows in a config, never settings (train.lr=inf trains NaN weights)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -51,8 +53,12 @@ class TaskConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name_is_identifier(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v):
-            raise ValueError("task names may use letters, digits, '_', '-' and '.' only")
+        # a task name becomes a folder name (compare's single-task runs, exports): nothing that
+        # could lead elsewhere ('..', '/', a leading '.')
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError(
+                f"{v!r} is not a task name: use letters, digits, '_', '-' and '.' (not first), at most 100"
+            )
         return v
 
     @model_validator(mode="after")
@@ -83,7 +89,7 @@ class TaskConfig(Strict):
 class LowRankBudget(Strict):
     """What LoRA and the task-gated experts share: the rank budget and where it goes."""
 
-    rank: int = Field(16, ge=1, description="total rank, as a plain LoRA of this rank")
+    rank: int = Field(16, ge=1, le=BIG, description="total rank, as a plain LoRA of this rank")
     alpha: float = 32.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: str | list[str] = Field("all-linear", description="all-linear | attention | mlp | module names")
@@ -118,7 +124,7 @@ class MoeLoraMethod(LowRankBudget):
     """MOELoRA: `experts` LoRA experts share the rank budget; a task-motivated gate mixes them."""
 
     name: Literal["moe_lora"]
-    experts: int = Field(4, ge=1)
+    experts: int = Field(4, ge=1, le=1024)
     gate: Literal["shared", "per_layer"] = "shared"
 
 
@@ -127,8 +133,8 @@ class CgcLoraMethod(LowRankBudget):
     task mixes its cluster's common experts and its own experts only."""
 
     name: Literal["cgc_lora"]
-    common_experts: int = Field(2, ge=1)
-    task_experts: int = Field(1, ge=0)
+    common_experts: int = Field(2, ge=1, le=1024)
+    task_experts: int = Field(1, ge=0, le=1024)
     gate: Literal["shared", "per_layer"] = "shared"
 
 
@@ -205,7 +211,7 @@ class DomainConfig(Strict):
     layer: int = Field(-1, description="hidden-state layer to pool (-1: the last)")
     max_lambda: float = Field(1.0, gt=0, description="dann: final gradient-reversal strength")
     gamma: float = Field(10.0, gt=0, description="dann: speed of the lambda warm-up")
-    width: int = Field(256, ge=1, description="dann: hidden width of the domain classifier")
+    width: int = Field(256, ge=1, le=BIG, description="dann: hidden width of the domain classifier")
     lr_ratio: float = Field(10.0, gt=0, description="dann: the classifier learns at lr x ratio, to keep up")
     target: str | None = Field(None, description="coral/mmd: the domain aligned to the others (default: the last)")
 
@@ -227,29 +233,29 @@ class RetentionConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0, le=10_000)
+    max_steps: int | None = Field(None, ge=1, le=10**9)
+    batch_size: int = Field(8, ge=1, le=BIG)
+    grad_accum: int = Field(1, ge=1, le=BIG)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, le=1 << 20)
     log_every: int = Field(10, ge=1)
     eval_every: int | None = Field(None, ge=1)
     save_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping: EarlyStoppingConfig | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy and torch take seeds below 2**32")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes)")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     packing: bool = Field(True, description="rows end to end in sequences of <= pack_length: little padding compute")
     pack_length: int | None = Field(
-        None, ge=8, description="tokens per packed sequence (default: 2048 on a CPU, max_length elsewhere)"
+        None, ge=8, le=1 << 20, description="tokens per packed sequence (default: 2048 on a CPU, max_length elsewhere)"
     )
     balance: BalanceConfig = Field(default_factory=BalanceConfig)
     interference_every: int | None = Field(None, ge=1, description="per-task gradient cosines every N steps")
@@ -262,8 +268,10 @@ class TrainConfig(Strict):
 class EvalConfig(Strict):
     split: Literal["dev", "test"] = "dev"
     max_examples: int | None = Field(None, ge=1, description="per task; None = the whole split")
-    batch_size: int = Field(32, ge=1, description="prompts per forward (grouped by length) and rows decoded together")
-    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(
+        32, ge=1, le=BIG, description="prompts per forward (grouped by length) and rows decoded together"
+    )
+    max_new_tokens: int = Field(48, ge=1, le=BIG)
     zero_shot: bool = Field(True, description="evaluate the base model before training")
 
 
@@ -356,8 +364,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise MultituneError(f"config file not found: {path}")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MultituneError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -13,41 +13,232 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 from multitune.config import RunConfig, dump_config, load_config
 from multitune.data.encode import Encoder
-from multitune.data.sources import Example, load_split
+from multitune.data.sources import SPLITS, Example, load_split
 from multitune.errors import MultituneError
+from multitune.lock import LOCK, RunLock
 from multitune.methods import saves_adapter
 from multitune.models.base import load_base_model, load_tokenizer, resolve_model_dir
 from multitune.tasks.spec import primary_metric
+from multitune.train.checkpoint import list_checkpoints
 
 CONFIG = "config.yaml"
 MODEL = "model"
 RESULTS = "results.json"
 TABLE = "results.md"
 METRICS = "metrics.jsonl"
+EVALS = "evals"
+CHECKPOINTS = "checkpoints"
+MARKER = ".multitune-run"
 
 
-def prepare_run_dir(cfg: RunConfig, overwrite: bool, resume: bool) -> Path:
-    """Refuse to write into a non-empty run dir unless told to overwrite it or resume it."""
-    out = Path(cfg.output)
+# Every name multitune writes into a run dir. --overwrite removes these and nothing else, and
+# only from a dir that holds nothing else: a folder a user keeps other files in is never emptied.
+RUN_ENTRIES = {
+    MARKER,
+    LOCK,
+    CONFIG,
+    MODEL,
+    RESULTS,
+    TABLE,
+    METRICS,
+    EVALS,
+    CHECKPOINTS,
+    "tb",
+    "best.safetensors",
+    "report.html",
+    "interference.png",
+    "affinity.png",
+    "gates.png",
+    "affinity.md",
+    "compare.json",
+    "compare.md",
+    "export",
+    "merged",
+}
+
+
+def _ours(name: str) -> bool:
+    """A run-dir entry multitune wrote: a known name, or one of its hidden temporaries."""
+    return name in RUN_ENTRIES or (name.startswith(".") and name.endswith((".tmp", ".old")))
+
+
+def child(parent: str | Path, name: str) -> Path:
+    """`parent / name`, refused unless it stays inside `parent` (task names become paths)."""
+    path = Path(parent) / name
+    if name in ("", ".", "..") or Path(parent).resolve() not in path.resolve().parents:
+        raise MultituneError(f"'{name}' would lead outside {parent}: use a plain name")
+    return path
+
+
+def check_output(cfg: RunConfig, overwrite: bool, resume: bool) -> Path:
+    """Refuse an output dir that is unsafe to write, before anything is loaded or written.
+
+    Never the working directory, one of its parents, the home directory or a folder holding the
+    run's own inputs; not a file or under one; writable; empty unless resumed or replaced, and
+    replaced only when it is recognisably a multitune run holding nothing else."""
+    if not str(cfg.output).strip():
+        raise MultituneError("output is empty: name the run directory to write (e.g. output=runs/x)")
+    out = Path(cfg.output).expanduser()
+    where = out.resolve()
+    cwd = Path.cwd().resolve()
+    for special, what in ((cwd, "the working directory"), (Path.home().resolve(), "the home directory")):
+        if where == special or where in special.parents:
+            name = what if where == special else f"a parent of {what}"
+            raise MultituneError(f"output {cfg.output!r} is {name}: name a run directory of its own")
+    if where == Path(where.anchor):
+        raise MultituneError(f"output {cfg.output!r} is the root directory: name a run directory of its own")
+    for label, path in _inputs(cfg):
+        p = Path(path).expanduser().resolve()
+        if where == p or where in p.parents:
+            raise MultituneError(f"output {out} holds {label} ({path}): write the run somewhere else")
+    ancestor = where
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MultituneError(f"output {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MultituneError(f"output {out}: {ancestor} is not writable")
     if resume:
         if not (out / CONFIG).is_file():
             raise MultituneError(f"--resume: {out} holds no run to resume (no {CONFIG})")
+        if (out / MODEL).is_dir() and not list_checkpoints(out / CHECKPOINTS):
+            raise MultituneError(
+                f"--resume: {out} is a finished run with no checkpoint to continue from "
+                "(set train.save_every to keep some); --overwrite trains it again"
+            )
         return out
-    if out.exists() and any(out.iterdir()):
+    entries = [e for e in out.iterdir() if e.name != LOCK] if out.is_dir() else []
+    if entries:
         if not overwrite:
             raise MultituneError(
                 f"output dir {out} is not empty: pass --overwrite to replace it or --resume to continue it"
             )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        _check_replaceable(out, entries)
+    return out
+
+
+def _inputs(cfg: RunConfig) -> list[tuple[str, str]]:
+    found = []
+    for t in cfg.tasks:
+        if t.data.hf_dataset is None:
+            found += [(f"the {s} data of task '{t.name}'", getattr(t.data, s)) for s in SPLITS if getattr(t.data, s)]
+    if cfg.retention is not None and cfg.retention.data is not None:
+        found.append(("the retention data", cfg.retention.data))
+    if Path(cfg.model).expanduser().exists():
+        found.append(("the base model", cfg.model))
+    return found
+
+
+def _check_replaceable(out: Path, entries: list[Path]) -> None:
+    foreign = sorted(e.name for e in entries if not _ours(e.name))
+    if foreign:
+        raise MultituneError(
+            f"--overwrite: {out} holds '{foreign[0]}', which is not part of a multitune run; "
+            "only a run dir is replaced: move that file or choose another output"
+        )
+    if not (out / MARKER).is_file() and not _is_run_config(out / CONFIG):
+        raise MultituneError(f"--overwrite: {out} is not a multitune run (no {MARKER} or run {CONFIG}); not replaced")
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        load_config(path)
+    except MultituneError:
+        return False
+    return True
+
+
+def prepare_run_dir(cfg: RunConfig, overwrite: bool, resume: bool, lock: RunLock) -> Path:
+    """Under `lock`: check the output again (another command may have written it meanwhile),
+    clear a replaced run of its files, mark the dir as a run and write its config."""
+    out = check_output(cfg, overwrite, resume)
+    lock.acquire()
+    if not resume:
+        for entry in out.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        write_atomic(out / MARKER, "a multitune run directory: `multitune train --overwrite` may replace it\n")
     write_atomic(out / CONFIG, dump_config(cfg))
     return out
+
+
+# What --resume may change: how long to train and how often to log, evaluate and save. Anything
+# else (model, method, data, lr, batch, seed...) would make the resumed run another run.
+SAFE_ON_RESUME = (
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.early_stopping",
+    "eval.",
+    "output",
+    "cache_dir",
+)
+
+
+def resumed_config(cfg: RunConfig, say) -> RunConfig:
+    """`cfg` for continuing the run in `cfg.output`: refused (one line naming the keys) when it
+    changes what the run trains; the safe changes are announced (and then recorded in its
+    config.yaml by `prepare_run_dir`)."""
+    saved = load_run_config(cfg.output)
+    before, after = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, _NONE) != after.get(k, _NONE))
+    unsafe = [k for k in changed if not k.startswith(SAFE_ON_RESUME)]
+    if unsafe:
+        shown = ", ".join(f"{k} ({_show(before.get(k, _NONE))} -> {_show(after.get(k, _NONE))})" for k in unsafe[:4])
+        more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
+        raise MultituneError(
+            f"--resume: the config changes {shown}{more} from {Path(cfg.output) / CONFIG}; that would be another "
+            "run: resume with the run's own config, or train a new run"
+        )
+    for k in changed:
+        say(f"[resume] {k}: {_show(before.get(k, _NONE))} -> {_show(after.get(k, _NONE))}")
+    return cfg
+
+
+_NONE = object()
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """Dotted keys of a dumped config; tasks by name (`tasks[sst2].prompt`)."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+    elif prefix == "tasks." and isinstance(tree, list):
+        for i, item in enumerate(tree):
+            name = item.get("name", i) if isinstance(item, dict) else i
+            out.update(_flat(item, f"tasks[{name}]."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def _show(value) -> str:
+    return "unset" if value is _NONE else json.dumps(value)
+
+
+def check_splits(cfg: RunConfig) -> None:
+    """Validate every row of the splits a run does not otherwise load (a test split while it
+    evaluates on dev), so that a bad row is found before training, not by a later command."""
+    for task in cfg.tasks:
+        for split in SPLITS:
+            if split not in ("train", "dev", cfg.eval.split):
+                load_split(task, split)
 
 
 def load_examples(cfg: RunConfig, split: str) -> dict[str, list[Example]]:
@@ -90,8 +281,16 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
         import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
         from multitune.methods.lora.layer import fuse_lora_layers
 
+        if not (model_dir / "adapter_model.safetensors").is_file():
+            raise MultituneError(
+                f"{model_dir} holds no adapter_model.safetensors (a pickled adapter file is never loaded)"
+            )
         base = load_base_model(base_model_path(cfg), cfg.cache_dir)
-        model = PeftModel.from_pretrained(base, str(model_dir))
+        try:
+            model = PeftModel.from_pretrained(base, str(model_dir))
+        except Exception as e:  # a damaged or foreign adapter: one line, not a traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MultituneError(f"could not load the adapter in {model_dir}: {first}") from None
         fuse_lora_layers(model)
     else:
         model = load_base_model(str(model_dir))
@@ -128,11 +327,14 @@ def merged_stage(run_dir: Path) -> Path:
     model, tokenizer = load_trained_model(run_dir, stage)
     if stage.method.name == "lora":
         model = model.merge_and_unload()
-    tmp = run_dir / ".merged.tmp"
+    tmp = run_dir / f".merged.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process merged it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -162,8 +364,13 @@ def point_adapter_at_base(adapter_dir: Path, cfg: RunConfig) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    """Write `path` whole or not at all: a temporary file beside it (named by pid, so two writers
+    never share one), flushed to disk, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -178,6 +385,41 @@ def write_results(run_dir: Path, results: dict, cfg: RunConfig) -> str:
     table = results_table(results, cfg)
     write_atomic(Path(run_dir) / TABLE, table + "\n")
     return table
+
+
+def write_evaluation(run_dir: Path, key: str, split: str, result: dict, cfg: RunConfig, paired: bool = True) -> str:
+    """Store a later evaluation of a run in a file of its own under RUN/evals/ (results.json is
+    the record of training and is never rewritten) and return its table. The run's other column
+    (zero-shot beside a fine-tuned evaluation, and the reverse) is set beside it, with Δ, only
+    when both scored the same split with the same rows of every task."""
+    n = {t: m["n"] for t, m in result["tasks"].items()}
+    model = "base" if key == "zero_shot" else "trained"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(run_dir) / EVALS / f"{stamp}-{model}-{split}-n{sum(n.values())}"
+    columns = {key: result}
+    other = "fine_tuned" if key == "zero_shot" else "zero_shot"
+    saved = read_results(run_dir).get(other)
+    note = ""
+    if paired and saved is not None:
+        saved_n = {t: m["n"] for t, m in saved["tasks"].items()}
+        if load_run_config(run_dir).eval.split == split and saved_n == n:
+            columns[other] = saved
+        else:
+            note = (
+                f"\n(no Δ: the run's {other.replace('_', '-')} column scored other rows: "
+                f"{load_run_config(run_dir).eval.split} {_sizes(saved_n)}; this one {split} {_sizes(n)})"
+            )
+    columns = {c: columns[c] for c in ("zero_shot", "fine_tuned") if c in columns}
+    path.parent.mkdir(exist_ok=True)
+    record = {"model": model, "split": split, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), key: result}
+    write_atomic(path.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+    table = results_table(columns, cfg) + note
+    write_atomic(path.with_suffix(".md"), table + "\n")
+    return f"{table}\nsaved in {path.with_suffix('.json')}"
+
+
+def _sizes(n: dict[str, int]) -> str:
+    return ", ".join(f"{t} n={k}" for t, k in n.items())
 
 
 def results_table(results: dict, cfg: RunConfig) -> str:

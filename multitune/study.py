@@ -12,6 +12,7 @@ from multitune.config import RunConfig, load_config
 from multitune.data.mixing import mixture_probabilities
 from multitune.errors import MultituneError
 from multitune.evaluate.interference import compare_table, propose_clusters
+from multitune.lock import RunLock
 from multitune.tasks.spec import higher_is_better, primary_metric
 from multitune.train.loop import train
 
@@ -64,6 +65,7 @@ def compare_run(
     singles: str | None = None,
     reuse: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> str:
     """Train one single-task run per task (same method, budget and settings; each sees as many
     rows of its task as the multi-task run does) and the multi-task run, then compare them: per-task
@@ -71,7 +73,9 @@ def compare_run(
 
     `singles`: where the single-task runs live (default `<output>-single`), so several multi-task
     variants (balancing methods, mixtures) can share one set of baselines; `reuse`: read finished
-    runs (results.json with fine-tuned metrics) instead of training them again."""
+    runs (results.json with fine-tuned metrics) instead of training them again; `resume`: reuse
+    finished runs and continue interrupted ones from their last checkpoint (a study that takes
+    hours survives being stopped)."""
     cfg = load_config(config, overrides)
     singles_dir = Path(singles or f"{cfg.output}-single")
     sizes = {t: len(rows) for t, rows in rundir.load_examples(cfg, "train").items()}
@@ -81,9 +85,9 @@ def compare_run(
     share = mixture_probabilities(sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights)
     single_scores = {}
     for task in cfg.tasks:
-        single = _single_task_config(cfg, task.name, share[task.name], singles_dir / task.name)
-        single_scores[task.name] = _fine_tuned(single, reuse, overwrite)[task.name]
-    multi_scores = _fine_tuned(cfg, reuse, overwrite)
+        single = _single_task_config(cfg, task.name, share[task.name], rundir.child(singles_dir, task.name))
+        single_scores[task.name] = _fine_tuned(single, reuse, overwrite, resume)[task.name]
+    multi_scores = _fine_tuned(cfg, reuse, overwrite, resume)
     metric = {t.name: primary_metric(t) for t in cfg.tasks}
     table = compare_table(
         {t: multi_scores[t][metric[t]] for t in metric},
@@ -102,9 +106,9 @@ def compare_run(
         f"worst: {table['worst_task']} ({table['tasks'][table['worst_task']]['relative_delta']:+.1f}%)"
     )
     text = "\n".join(lines)
-    out = Path(cfg.output)
-    rundir.write_atomic(out / "compare.json", json.dumps({"metric": metric, **table}, indent=1) + "\n")
-    rundir.write_atomic(out / "compare.md", text + "\n")
+    with RunLock(cfg.output):
+        rundir.write_atomic(Path(cfg.output) / "compare.json", json.dumps({"metric": metric, **table}, indent=1) + "\n")
+        rundir.write_atomic(Path(cfg.output) / "compare.md", text + "\n")
     return text
 
 
@@ -123,12 +127,14 @@ def _single_task_config(cfg: RunConfig, task: str, share: float, output: Path) -
     return single
 
 
-def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool) -> dict[str, dict]:
+def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = False) -> dict[str, dict]:
     run_dir = Path(cfg.output)
-    if reuse and (run_dir / rundir.RESULTS).is_file():
+    if (reuse or resume) and (run_dir / rundir.RESULTS).is_file():
         done = rundir.read_results(run_dir).get("fine_tuned")
         if done:
             print(f"[compare] reusing {run_dir}")
             return done["tasks"]
-    print(f"[compare] training {run_dir} ({', '.join(cfg.task_names)}, {cfg.train.max_steps or 'epochs'} steps)")
-    return train(cfg, overwrite=overwrite)["fine_tuned"]["tasks"]
+    started = resume and (run_dir / rundir.CONFIG).is_file()
+    what = "continuing" if started else "training"
+    print(f"[compare] {what} {run_dir} ({', '.join(cfg.task_names)}, {cfg.train.max_steps or 'epochs'} steps)")
+    return train(cfg, overwrite=overwrite, resume=started)["fine_tuned"]["tasks"]

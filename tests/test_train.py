@@ -96,9 +96,14 @@ def test_output_dir_is_protected(run_config, tmp_path):
     assert main(["train", str(cfg_path)]) == 2
     assert (tmp_path / "run" / "keep.txt").read_text() == "earlier results"
     assert main(["train", str(cfg_path), "--resume"]) == 2  # nothing to resume there
-    assert main(["train", str(cfg_path), "--overwrite"]) == 0
-    assert not (tmp_path / "run" / "keep.txt").exists()
+    assert main(["train", str(cfg_path), "--overwrite"]) == 2  # not a run: never emptied
+    assert (tmp_path / "run" / "keep.txt").read_text() == "earlier results"
+    (tmp_path / "run" / "keep.txt").unlink()
+    assert main(["train", str(cfg_path)]) == 0
+    first = (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns
+    assert main(["train", str(cfg_path), "--overwrite"]) == 0  # a run: replaced
     assert (tmp_path / "run" / "model").is_dir()
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns != first
 
 
 def test_cli_errors_are_one_line(run_config, tmp_path, capsys):

@@ -9,6 +9,7 @@ Parquet and hub datasets) and the field.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,9 +40,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     if suffix in (".jsonl", ".json"):
         rows = _read_jsonl(path)
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            # line numbers: header is line 1, so row i (0-based) is on line i + 2 for one-line rows
-            rows = [(i + 2, dict(r)) for i, r in enumerate(csv.DictReader(f))]
+        rows = _read_csv(path)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -58,14 +57,55 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         return parse_jsonl(f, str(path))
 
 
-def parse_jsonl(lines: Iterable[str], source: str) -> list[tuple[int, dict]]:
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    """Rows keyed by the header line's column names, with the line each row starts on."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MultituneError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        names = [h.strip() for h in header]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise MultituneError(
+                f"{path}:1: the first line must name the columns (empty or repeated names in {header}); "
+                "a CSV file starts with a header line"
+            )
+        rows = []
+        start = reader.line_num + 1
+        for values in reader:
+            if values:
+                if len(values) != len(names):
+                    raise MultituneError(f"{path}:{start}: {len(values)} values for the {len(names)} columns {names}")
+                rows.append((start, dict(zip(names, values, strict=True))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise MultituneError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows
+
+
+def parse_jsonl(lines: Iterable[bytes | str], source: str) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line; `source` names the input in errors."""
     rows = []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MultituneError(
+                    f"{source}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
+        else:
+            line = raw
         if not line.strip():
             continue
         try:
@@ -93,7 +133,9 @@ def _read_hub(task: TaskConfig, split_name: str) -> list[tuple[int, dict]]:
 
 
 def load_split(task: TaskConfig, split: str, limit: int | None = None) -> list[Example]:
-    """Validated examples of one split of a task; [] when the task has no such split."""
+    """The first `limit` examples of one split of a task; [] when the task has no such split.
+    Every row is validated, also those past `limit`: a config that uses more rows later must not
+    find a bad one then."""
     source = getattr(task.data, split)
     if source is None:
         return []
@@ -101,11 +143,12 @@ def load_split(task: TaskConfig, split: str, limit: int | None = None) -> list[E
         rows, origin = _read_hub(task, source), f"{task.data.hf_dataset}[{source}]"
     else:
         rows, origin = read_rows(source), source
+        if Path(source).suffix.lower() == ".csv":
+            _check_header(task, rows, source)
     if not rows:
         raise MultituneError(f"{origin}: split '{split}' of task '{task.name}' is empty")
-    if limit is not None:
-        rows = rows[:limit]
-    return [row_to_example(task, row, f"{origin}:{lineno}") for lineno, row in rows]
+    examples = [row_to_example(task, row, f"{origin}:{lineno}") for lineno, row in rows]
+    return examples if limit is None else examples[:limit]
 
 
 def row_to_example(task: TaskConfig, row: dict, where: str, need_target: bool = True) -> Example:
@@ -118,6 +161,9 @@ def row_to_example(task: TaskConfig, row: dict, where: str, need_target: bool = 
         if value is None or (isinstance(value, str) and not value.strip()):
             state = "missing" if name not in row else "empty"
             raise MultituneError(f"{where}: field '{name}' is {state} (task '{task.name}')")
+        if not isinstance(value, str | int | float):
+            kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+            raise MultituneError(f"{where}: field '{name}' is {kind}; expected text (task '{task.name}')")
     prompt = render(task.prompt, row)
     target = render(task.target, row) if (need_target and task.target is not None) else None
     if task.kind == "text":
@@ -132,6 +178,18 @@ def row_to_example(task: TaskConfig, row: dict, where: str, need_target: bool = 
     if target is not None and not references:
         references = [target]
     return Example(task.name, prompt, target, references, where)
+
+
+def _check_header(task: TaskConfig, rows: list[tuple[int, dict]], source: str) -> None:
+    """A CSV file without its header line gives its first row as column names: say so."""
+    needed = set(template_fields(task.prompt)) | (template_fields(task.target) if task.target else frozenset())
+    columns = list(rows[0][1]) if rows else []
+    missing = sorted(needed - set(columns))
+    if missing:
+        raise MultituneError(
+            f"{source}:1: the header line has no column '{missing[0]}' (task '{task.name}'); its columns are "
+            f"{columns}: a CSV file starts with a header line naming its columns"
+        )
 
 
 def _label_field(task: TaskConfig) -> str:

@@ -340,6 +340,23 @@ def score(task: TaskConfig, examples: list[Example], preds: list[dict]) -> dict[
     return {"bleu": metrics.bleu(p, refs), "chrf": metrics.chrf(p, refs)}
 
 
+def row_scores(task: TaskConfig, examples: list[Example], preds: list[dict]) -> list[float] | None:
+    """Each row's share of the primary metric (its mean is the metric), kept so that two models
+    evaluated on the same rows can be compared row by row (paired bootstrap, `multitune compare
+    --seeds`). None where the metric is not a mean over rows (BLEU, chrF, perplexity)."""
+    if task.kind == "classification":
+        return [100 if x["prediction"] == ex.target else 0 for x, ex in zip(preds, examples, strict=True)]
+    if task.kind == "extractive_qa":
+        return [
+            round(metrics.squad_f1(x["prediction"], ex.references), 4) for x, ex in zip(preds, examples, strict=True)
+        ]
+    if task.kind == "generation" and task.metric == "rouge_l":
+        return [
+            round(metrics.rouge_l([x["prediction"]], [ex.references]), 4) for x, ex in zip(preds, examples, strict=True)
+        ]
+    return None
+
+
 def evaluate(
     model: torch.nn.Module,
     encoder: Encoder,
@@ -348,7 +365,8 @@ def evaluate(
     batch_size: int | None = None,
     gate_ids: dict[str, int] | None = None,
 ) -> dict:
-    """{"tasks": {task: {metric: value, ..., "n": rows}}, "mean": mean primary metric}.
+    """{"tasks": {task: {metric: value, ..., "n": rows}}, "mean": mean primary metric,
+    "rows": {task: per-row scores of the primary metric (`row_scores`)}}.
 
     `gate_ids`: task name -> id seen by task-gated layers, when it differs from the run's order
     (tasks of another config, unknown tasks mapped to a fallback gate)."""
@@ -360,6 +378,9 @@ def evaluate(
         tid = gate_ids.get(task.name) if gate_ids else None
         preds = predict(model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens, tid)
         out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
+        per_row = row_scores(task, rows, preds)
+        if per_row is not None:
+            out.setdefault("rows", {})[task.name] = per_row
     out["mean"] = mean_primary(cfg, out["tasks"])
     return out
 

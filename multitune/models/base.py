@@ -215,7 +215,8 @@ def load_base_model(name_or_path: str, cache: str | None = None, dtype: torch.dt
     name = str(name_or_path).strip()
     resolved = resolve_model_dir(name, cache)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+        # safetensors only: a pickled pytorch_model.bin runs code when loaded
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise _load_error(name, resolved, "model", exc) from exc
     if getattr(model.config, "pad_token_id", None) is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from multitune import run as rundir
 from multitune.config import RunConfig
+from multitune.errors import MultituneError
 from multitune.report.log import RUN_WIDE, read_metrics, series
 from multitune.report.plots import line_chart
 from multitune.tasks.spec import higher_is_better, primary_metric
@@ -34,6 +35,10 @@ pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; font-size: 85%; }
 """
 
 
+# marks a page as ours: an existing file is replaced only when it carries this
+GENERATOR = '<meta name="generator" content="multitune">'
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write RUN/report.html (or `out`) from what the run dir holds now: it works on a finished run
     and on one still training, and needs no model."""
@@ -54,10 +59,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             body += [f"<h2>{_e(caption)}</h2>", f"<pre>{_e((run_dir / name).read_text(encoding='utf-8'))}</pre>"]
     body += ["<h2>Configuration</h2>", f"<pre>{_e((run_dir / rundir.CONFIG).read_text(encoding='utf-8'))}</pre>"]
     page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(run_dir.name)}: multitune report'
-        f"</title><style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
+        f"<title>{_e(run_dir.name)}: multitune report</title><style>{STYLE}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
     )
     target = Path(out) if out is not None else run_dir / REPORT
+    if target.is_dir():
+        raise MultituneError(f"report target {target} is a directory: name an .html file")
+    if out is not None and target.is_file() and GENERATOR.encode() not in target.read_bytes()[:4096]:
+        raise MultituneError(f"report target {target} exists and is not a multitune report: not replaced")
     target.parent.mkdir(parents=True, exist_ok=True)
     rundir.write_atomic(target, page)
     return target

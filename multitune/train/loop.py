@@ -37,6 +37,7 @@ from multitune.evaluate.interference import (
 )
 from multitune.evaluate.retention import retention_change, retention_examples, retention_perplexity
 from multitune.evaluate.runner import evaluate, lookup
+from multitune.lock import RunLock
 from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context
 from multitune.models.attention import skips_other_rows
@@ -44,13 +45,14 @@ from multitune.models.forward import per_row_mean_nll, target_logprobs, target_l
 from multitune.runtime import compile_layers, eager_layers, use_cores
 from multitune.tasks.spec import higher_is_better
 from multitune.train.checkpoint import (
-    list_checkpoints,
     load_checkpoint,
+    load_latest,
     load_trainable,
     save_checkpoint,
     save_weights_atomic,
 )
 from multitune.train.objectives import make_balancer
+from multitune.train.stop import StopSignals, check_finite_loss, check_finite_weights
 from multitune.train.surgery import SURGERY, add_grad, cagrad, pcgrad, per_task_grads, surgery_direction
 
 
@@ -65,8 +67,19 @@ def train(
 
     `stop_after`: leave after that many optimizer steps (checkpoint saved), as a time-boxed job
     would; `--resume` continues from there. `final_eval=False`: a measuring run (affinity) that
-    needs no dev metrics.
+    needs no dev metrics. The run dir is locked against other commands from the moment it is
+    written to the end (multitune/lock.py).
     """
+    lock = RunLock(cfg.output)
+    try:
+        return _train(cfg, overwrite, resume, stop_after, final_eval, lock)
+    finally:
+        lock.release()
+
+
+def _train(
+    cfg: RunConfig, overwrite: bool, resume: bool, stop_after: int | None, final_eval: bool, lock: RunLock
+) -> dict:
     if cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
         raise MultituneError(
             f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU "
@@ -77,15 +90,23 @@ def train(
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
 
-    # --- data: every split of every task is validated before the model is loaded
+    # --- nothing is written before the output, the config, every data split and the model are known good
+    run_dir = rundir.check_output(cfg, overwrite=overwrite, resume=resume)
+    if resume:
+        cfg = rundir.resumed_config(cfg, say)
     train_rows = rundir.load_examples(cfg, "train")
     eval_rows = rundir.load_examples(cfg, cfg.eval.split)
     dev_rows = eval_rows if cfg.eval.split == "dev" else rundir.load_examples(cfg, "dev")
+    rundir.check_splits(cfg)
     if not train_rows:
         raise MultituneError("no task has a train split: nothing to train on")
-    run_dir = rundir.prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    if cfg.eval.split != "dev" and not eval_rows:
+        raise MultituneError(f"eval.split is '{cfg.eval.split}', but no task has a {cfg.eval.split} split")
 
     model, tokenizer = rundir.load_base(cfg)
+    if main:
+        rundir.prepare_run_dir(cfg, overwrite=overwrite, resume=resume, lock=lock)
+    accelerator.wait_for_everyone()
     encoder = rundir.make_encoder(cfg, tokenizer)
     encoded = {
         t: [row for ex in rows for row in (encoder.windows(ex) if ex.target is None else [encoder.encode(ex)])]
@@ -188,7 +209,7 @@ def train(
         "seconds": 0.0,
     }
     set_seed(cfg.train.seed)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / rundir.CHECKPOINTS
     step = 0
     window = _Window(task_names)
     trackers = {"interference": interference, "affinity": affinity}
@@ -196,18 +217,25 @@ def train(
     if domain is not None and domain.classifier is not None:
         modules["domain_classifier"] = domain.classifier
     if resume:
-        found = list_checkpoints(ckpt_root)
-        if found:
-            saved = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler, modules)
-            step = saved.pop("step")
+
+        def restore(path: Path) -> dict:
+            saved = load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, modules)
             mixture.load_state_dict(saved.pop("mixture"))
             window.load_state_dict(saved.pop("window"))
             for name, tracker in saved.pop("trackers").items():
                 if trackers[name] is not None:
                     trackers[name].load_state_dict(tracker)
+            return saved
+
+        found = load_latest(ckpt_root, restore, say)
+        if found is None:
+            say(f"[resume] {run_dir} has no checkpoint yet: training starts again from step 0")
+        else:
+            path, saved = found
+            step = saved.pop("step")
             state.update(saved)
-            say(f"[resume] from {found[-1].name}")
-        _truncate_log(run_dir / rundir.METRICS, step)
+            say(f"[resume] from {path.name}")
+        _truncate_log(run_dir / rundir.METRICS, step, say)
 
     say(
         f"[train] {steps} steps x {rows_per_step} rows; mixture "
@@ -219,116 +247,126 @@ def train(
     stop = False
     model.train()
 
-    while step < steps and not stop:
-        t0 = time.perf_counter()
-        grad_norm = None
-        step_loss = torch.zeros(len(task_names))
-        step_seen = torch.zeros(len(task_names))
-        for micro in range(cfg.train.grad_accum):
-            pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
-            drawn = [encoded[t][i] for t, i in pairs]
-            batch = batch_of(drawn)
-            sync = micro == cfg.train.grad_accum - 1
-            if affinity is not None and micro == 0 and step % cfg.train.affinity_every == 0:
-                z = _measure_affinity(model, drawn, cfg, batch_of, params, affinity)
-                per_pair = {f"{i}>{j}": {"affinity": z[i][j]} for i in z for j in z}
-                _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
-            # the task context stays open through the backward: checkpointed layers recompute there
-            with accelerator.no_sync(model) if not sync else nullcontext(), task_context(batch.task_ids):
-                if domain is not None:
-                    logp, rows, pooled = target_logprobs_and_pooled(model, batch, cfg.train.domain.layer)
-                else:
-                    logp, rows = target_logprobs(model, batch)
-                row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
-                task_loss, present = _task_losses(row_loss, batch.row_task_ids, len(task_names))
-                seen = present.nonzero()[:, 0].tolist()
-                measure = interference is not None and micro == 0 and step % cfg.train.interference_every == 0
-                grads = per_task_grads([task_loss[k] for k in seen], params) if surgery or measure else None
-                if measure:
-                    summary, per_pair = gradient_report(grads, [task_names[k] for k in seen])
-                    interference.add(seen, cosine_matrix(grads))
-                    _log(log, writer, {"step": step + 1, "split": "interference", **summary}, per_pair)
-                if surgery is not None:
-                    direction = surgery_direction(surgery, grads, step)
-                    add_grad(params, direction, 1 / (len(task_names) * cfg.train.grad_accum))
-                else:
-                    if balancer is not None:
-                        loss = balancer.combine(task_loss, present) / len(task_names)
-                    else:
-                        loss = row_loss.mean()
+    with StopSignals() as signals, bar:  # the bar closes before an error prints
+        while step < steps and not stop:
+            t0 = time.perf_counter()
+            grad_norm = None
+            step_loss = torch.zeros(len(task_names))
+            step_seen = torch.zeros(len(task_names))
+            for micro in range(cfg.train.grad_accum):
+                pairs = mixture.next_batch(cfg.train.batch_size * n_proc)[accelerator.process_index :: n_proc]
+                drawn = [encoded[t][i] for t, i in pairs]
+                batch = batch_of(drawn)
+                sync = micro == cfg.train.grad_accum - 1
+                if affinity is not None and micro == 0 and step % cfg.train.affinity_every == 0:
+                    z = _measure_affinity(model, drawn, cfg, batch_of, params, affinity)
+                    per_pair = {f"{i}>{j}": {"affinity": z[i][j]} for i in z for j in z}
+                    _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
+                # the task context stays open through the backward: checkpointed layers recompute there
+                with accelerator.no_sync(model) if not sync else nullcontext(), task_context(batch.task_ids):
                     if domain is not None:
-                        loss = loss + domain.loss(pooled, batch.row_task_ids, step / steps)
-                    accelerator.backward(loss / cfg.train.grad_accum)
-            step_loss += torch.where(present, task_loss.detach(), 0).cpu()
-            step_seen += present.cpu()
-            tokens, targets = window.add(batch, row_loss.detach(), rows, task_names)
-            state["tokens"] += tokens
-            state["target_tokens"] += targets
-            state["cells"] += batch.input_ids.numel()
-        if l2sp is not None:  # once per optimizer step: pulls the weights back to the pre-trained ones
-            accelerator.backward(l2sp.penalty())
-        if cfg.train.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if balancer is not None:
-            balancer.update(step_loss / step_seen.clamp(min=1), step_seen > 0)
-        step += 1
-        state["seconds"] += time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix({t: f"{v:.3f}" for t, v in window.running().items()})
-
-        if step % cfg.train.log_every == 0 or step == steps:
-            figures = window.flush()
-            record = {
-                "step": step,
-                "split": "train",
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9),
-                **figures.pop("_all"),
-            }
+                        logp, rows, pooled = target_logprobs_and_pooled(model, batch, cfg.train.domain.layer)
+                    else:
+                        logp, rows = target_logprobs(model, batch)
+                    row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
+                    check_finite_loss(row_loss, step + 1, scheduler.get_last_lr()[0])
+                    task_loss, present = _task_losses(row_loss, batch.row_task_ids, len(task_names))
+                    seen = present.nonzero()[:, 0].tolist()
+                    measure = interference is not None and micro == 0 and step % cfg.train.interference_every == 0
+                    grads = per_task_grads([task_loss[k] for k in seen], params) if surgery or measure else None
+                    if measure:
+                        summary, per_pair = gradient_report(grads, [task_names[k] for k in seen])
+                        interference.add(seen, cosine_matrix(grads))
+                        _log(log, writer, {"step": step + 1, "split": "interference", **summary}, per_pair)
+                    if surgery is not None:
+                        direction = surgery_direction(surgery, grads, step)
+                        add_grad(params, direction, 1 / (len(task_names) * cfg.train.grad_accum))
+                    else:
+                        if balancer is not None:
+                            loss = balancer.combine(task_loss, present) / len(task_names)
+                        else:
+                            loss = row_loss.mean()
+                        if domain is not None:
+                            loss = loss + domain.loss(pooled, batch.row_task_ids, step / steps)
+                        accelerator.backward(loss / cfg.train.grad_accum)
+                step_loss += torch.where(present, task_loss.detach(), 0).cpu()
+                step_seen += present.cpu()
+                tokens, targets = window.add(batch, row_loss.detach(), rows, task_names)
+                state["tokens"] += tokens
+                state["target_tokens"] += targets
+                state["cells"] += batch.input_ids.numel()
+            if l2sp is not None:  # once per optimizer step: pulls the weights back to the pre-trained ones
+                accelerator.backward(l2sp.penalty())
+            if cfg.train.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             if balancer is not None:
-                for t, w in balancer.weights().items():
-                    figures.setdefault(t, {})["weight"] = w
-            if domain is not None:
-                record.update(domain.flush())
-            _log(log, writer, record, figures)
+                balancer.update(step_loss / step_seen.clamp(min=1), step_seen > 0)
+            step += 1
+            state["seconds"] += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix({t: f"{v:.3f}" for t, v in window.running().items()})
 
-        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
-            with eager_layers(model):
-                result = evaluate(accelerator.unwrap_model(model), encoder, cfg, dev_rows)
-                per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
-                record = {"step": step, "split": "dev", "mean": result["mean"]}
-                if general:
-                    record["retention_perplexity"] = retention_perplexity(model, encoder, general, cfg.eval.batch_size)
-            _log(log, writer, record, per_task)
-            stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
+            if step % cfg.train.log_every == 0 or step == steps:
+                figures = window.flush()
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": state["tokens"] / max(state["seconds"], 1e-9),
+                    **figures.pop("_all"),
+                }
+                if balancer is not None:
+                    for t, w in balancer.weights().items():
+                        figures.setdefault(t, {})["weight"] = w
+                if domain is not None:
+                    record.update(domain.flush())
+                _log(log, writer, record, figures)
 
-        periodic = cfg.train.save_every is not None and step % cfg.train.save_every == 0
-        if main and (periodic or stop_after == step):
-            _flush(log)
-            save_checkpoint(
-                ckpt_root,
-                step,
-                accelerator.unwrap_model(model),
-                optimizer,
-                scheduler,
-                {
-                    **state,
-                    "mixture": mixture.state_dict(),
-                    "window": window.state_dict(),
-                    "trackers": {k: v.state_dict() for k, v in trackers.items() if v is not None},
-                },
-                cfg.train.keep_checkpoints,
-                modules,
-            )
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            _flush(log)
-            say(f"[train] stopped after step {step} as asked; continue with --resume")
-            return results
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
+                with eager_layers(model):
+                    result = evaluate(accelerator.unwrap_model(model), encoder, cfg, dev_rows)
+                    per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
+                    record = {"step": step, "split": "dev", "mean": result["mean"]}
+                    if general:
+                        record["retention_perplexity"] = retention_perplexity(
+                            model, encoder, general, cfg.eval.batch_size
+                        )
+                _log(log, writer, record, per_task)
+                stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
+
+            periodic = cfg.train.save_every is not None and step % cfg.train.save_every == 0
+            if main and (periodic or stop_after == step or signals.requested):
+                _flush(log)
+                check_finite_weights(params, step)
+                save_checkpoint(
+                    ckpt_root,
+                    step,
+                    accelerator.unwrap_model(model),
+                    optimizer,
+                    scheduler,
+                    {
+                        **state,
+                        "mixture": mixture.state_dict(),
+                        "window": window.state_dict(),
+                        "trackers": {k: v.state_dict() for k, v in trackers.items() if v is not None},
+                    },
+                    cfg.train.keep_checkpoints,
+                    modules,
+                )
+            if stop_after is not None and step >= stop_after:
+                bar.close()
+                _flush(log)
+                say(f"[train] stopped after step {step} as asked; continue with --resume")
+                return results
+            if signals.requested:
+                bar.close()
+                _flush(log)
+                say(f"[train] {signals.requested} at step {step}: checkpoint saved in {ckpt_root}; --resume continues")
+                raise KeyboardInterrupt
     bar.close()
     if log:
         log.close()
@@ -553,11 +591,26 @@ def _flush(log) -> None:
         os.fsync(log.fileno())
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop lines written after the checkpoint we resume from (they will be written again)."""
+def _truncate_log(path: Path, step: int, say) -> None:
+    """Drop lines written after the checkpoint we resume from (they will be written again), and
+    a last line torn by a crash between two writes."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            say(f"[resume] {path}: dropping its torn last line ({len(lines[-1])} characters)")
+            lines.pop()
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0) if line.strip() else None
+        except (json.JSONDecodeError, AttributeError):
+            row_step = 0  # not ours to judge: kept as it is
+        if row_step is not None and row_step <= step:
+            keep.append(line)
     rundir.write_atomic(path, "".join(line + "\n" for line in keep))
 
 
