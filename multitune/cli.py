@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.balance=pcgrad output=runs/x-pcgrad")
     p.add_argument("--singles", help="dir of the single-task runs (default: <output>-single); share it across variants")
     p.add_argument("--reuse", action="store_true", help="read finished runs instead of training them again")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", help="train every run once per seed: mean ± std, intervals of seed means"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs of runs it trains")
     g.add_argument(
@@ -241,6 +244,7 @@ def _compare(args) -> int:
             reuse=args.reuse,
             overwrite=args.overwrite,
             resume=args.resume,
+            seeds=args.seeds,
         )
     )
     return 0

@@ -120,12 +120,19 @@ class FreezeMethod(Strict):
         return self
 
 
+GATE_NORM = (
+    "softmax: a task's gate weights sum to 1; count: to the number of experts it sees (each expert then "
+    "moves the output as much as the same rank slots of a plain LoRA at uniform gates)"
+)
+
+
 class MoeLoraMethod(LowRankBudget):
     """MOELoRA: `experts` LoRA experts share the rank budget; a task-motivated gate mixes them."""
 
     name: Literal["moe_lora"]
     experts: int = Field(4, ge=1, le=1024)
     gate: Literal["shared", "per_layer"] = "shared"
+    gate_norm: Literal["softmax", "count"] = Field("softmax", description=GATE_NORM)
 
 
 class CgcLoraMethod(LowRankBudget):
@@ -136,6 +143,7 @@ class CgcLoraMethod(LowRankBudget):
     common_experts: int = Field(2, ge=1, le=1024)
     task_experts: int = Field(1, ge=0, le=1024)
     gate: Literal["shared", "per_layer"] = "shared"
+    gate_norm: Literal["softmax", "count"] = Field("softmax", description=GATE_NORM)
 
 
 class AdapterMethod(Strict):

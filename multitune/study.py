@@ -11,6 +11,7 @@ from multitune import run as rundir
 from multitune.config import RunConfig, load_config
 from multitune.data.mixing import mixture_probabilities
 from multitune.errors import MultituneError
+from multitune.evaluate.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
 from multitune.evaluate.interference import compare_table, propose_clusters
 from multitune.lock import RunLock
 from multitune.tasks.spec import higher_is_better, primary_metric
@@ -66,50 +67,127 @@ def compare_run(
     reuse: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    seeds: list[int] | None = None,
 ) -> str:
     """Train one single-task run per task (same method, budget and settings; each sees as many
     rows of its task as the multi-task run does) and the multi-task run, then compare them: per-task
-    deltas, Δm, tasks below their baseline, the worst task. Returns the markdown table.
+    deltas, Δm, tasks below their baseline, the worst task, and a 95% paired-bootstrap interval
+    over the dev rows for each delta and for Δm (multitune/evaluate/bootstrap.py). Returns the
+    markdown table, also written to OUTPUT/compare.md and compare.json.
 
     `singles`: where the single-task runs live (default `<output>-single`), so several multi-task
     variants (balancing methods, mixtures) can share one set of baselines; `reuse`: read finished
     runs (results.json with fine-tuned metrics) instead of training them again; `resume`: reuse
     finished runs and continue interrupted ones from their last checkpoint (a study that takes
-    hours survives being stopped)."""
+    hours survives being stopped). `seeds`: train every run once per seed, in
+    `<output>/seed-<s>` and `<singles>/<task>/seed-<s>`; the table shows mean ± std over seeds and
+    the interval of the seed-averaged per-row scores."""
     cfg = load_config(config, overrides)
     singles_dir = Path(singles or f"{cfg.output}-single")
     sizes = {t: len(rows) for t, rows in rundir.load_examples(cfg, "train").items()}
     missing = [t.name for t in cfg.tasks if t.name not in sizes]
     if missing:
         raise MultituneError(f"compare needs a train split for every task; missing for {', '.join(missing)}")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise MultituneError(f"--seeds repeats a seed: {seeds}")
     share = mixture_probabilities(sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights)
-    single_scores = {}
-    for task in cfg.tasks:
-        single = _single_task_config(cfg, task.name, share[task.name], rundir.child(singles_dir, task.name))
-        single_scores[task.name] = _fine_tuned(single, reuse, overwrite, resume)[task.name]
-    multi_scores = _fine_tuned(cfg, reuse, overwrite, resume)
+    single_runs: dict[str, list[dict]] = {t: [] for t in cfg.task_names}
+    multi_runs: list[dict] = []
+    for seed in seeds or [cfg.train.seed]:
+        for task in cfg.tasks:
+            out = rundir.child(singles_dir, task.name)
+            single = _single_task_config(cfg, task.name, share[task.name], _seed_dir(out, seed, seeds))
+            single.train.seed = seed
+            single_runs[task.name].append(_fine_tuned(single, reuse, overwrite, resume))
+        multi = cfg.model_copy(deep=True)
+        multi.train.seed, multi.output = seed, str(_seed_dir(Path(cfg.output), seed, seeds))
+        multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume))
     metric = {t.name: primary_metric(t) for t in cfg.tasks}
-    table = compare_table(
-        {t: multi_scores[t][metric[t]] for t in metric},
-        {t: single_scores[t][metric[t]] for t in metric},
-        {t: higher_is_better(metric[t]) for t in metric},
-    )
-    lines = ["| task | metric | single-task | multi-task | Δ | Δ % |", "|---|---|---|---|---|---|"]
-    for t, row in table["tasks"].items():
-        lines.append(
-            f"| {t} | {metric[t]} | {row['single']:.2f} | {row['multi']:.2f} | {row['delta']:+.2f} | "
-            f"{row['relative_delta']:+.1f}% |"
-        )
-    lines.append(
-        f"\nΔm {table['delta_m']:+.2f}% ({cfg.train.balance.method} balance); "
-        f"{table['below_baseline']} of {len(metric)} tasks below their single-task baseline; "
-        f"worst: {table['worst_task']} ({table['tasks'][table['worst_task']]['relative_delta']:+.1f}%)"
-    )
-    text = "\n".join(lines)
+    higher = {t: higher_is_better(m) for t, m in metric.items()}
+    summary = compare_seeds(multi_runs, single_runs, metric, higher)
+    summary["seeds"] = seeds or [cfg.train.seed]
+    text = _compare_text(summary, metric, cfg.train.balance.method)
     with RunLock(cfg.output):
-        rundir.write_atomic(Path(cfg.output) / "compare.json", json.dumps({"metric": metric, **table}, indent=1) + "\n")
+        rundir.write_atomic(Path(cfg.output) / "compare.json", json.dumps(summary, indent=1) + "\n")
         rundir.write_atomic(Path(cfg.output) / "compare.md", text + "\n")
     return text
+
+
+def _seed_dir(path: Path, seed: int, seeds: list[int] | None) -> Path:
+    return path if seeds is None else rundir.child(path, f"seed-{seed}")
+
+
+def compare_seeds(
+    multi_runs: list[dict], single_runs: dict[str, list[dict]], metric: dict[str, str], higher: dict[str, bool]
+) -> dict:
+    """Multi-task against single-task runs, one of each per seed (`fine_tuned` results): the
+    per-seed tables, mean ± std of each task's metric and of Δm, and the paired-bootstrap
+    intervals of the seed-averaged per-row scores (when every run kept its rows)."""
+    tasks = list(metric)
+    per_seed = [
+        compare_table(
+            {t: multi["tasks"][t][metric[t]] for t in tasks},
+            {t: single_runs[t][i]["tasks"][t][metric[t]] for t in tasks},
+            higher,
+        )
+        for i, multi in enumerate(multi_runs)
+    ]
+    out: dict = {"metric": metric, "tasks": {}, "per_seed": per_seed}
+    for t in tasks:
+        multi_mean, multi_std = mean_std([r["tasks"][t][metric[t]] for r in multi_runs])
+        single_mean, single_std = mean_std([r["tasks"][t][metric[t]] for r in single_runs[t]])
+        out["tasks"][t] = {
+            "single": single_mean,
+            "single_std": single_std,
+            "multi": multi_mean,
+            "multi_std": multi_std,
+            "delta": multi_mean - single_mean,
+            "relative_delta": mean_std([p["tasks"][t]["relative_delta"] for p in per_seed])[0],
+        }
+    out["delta_m"], out["delta_m_std"] = mean_std([p["delta_m"] for p in per_seed])
+    out["below_baseline"] = sum(1 for row in out["tasks"].values() if row["relative_delta"] < 0)
+    out["worst_task"] = min(tasks, key=lambda t: out["tasks"][t]["relative_delta"])
+    kept = all("rows" in r and t in r["rows"] for t in tasks for r in [*multi_runs, *single_runs[t]])
+    if kept:
+        a = {t: seed_mean_rows([r["rows"][t] for r in multi_runs]) for t in tasks}
+        b = {t: seed_mean_rows([r["rows"][t] for r in single_runs[t]]) for t in tasks}
+        boot = paired_bootstrap(a, b, higher)
+        for t in tasks:
+            out["tasks"][t]["interval"] = boot["tasks"][t]["delta"]
+            out["tasks"][t]["relative_interval"] = boot["tasks"][t]["relative_delta"]
+            out["tasks"][t]["p_better"] = boot["tasks"][t]["p_better"]
+        out["delta_m_interval"], out["p_better"] = boot["delta_m"], boot["p_better"]
+    return out
+
+
+def _compare_text(summary: dict, metric: dict[str, str], balance: str) -> str:
+    n = len(summary["seeds"])
+
+    def value(mean: float, std: float) -> str:
+        return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+    lines = [
+        "| task | metric | single-task | multi-task | Δ | Δ % | 95% interval of Δ (dev rows) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t, row in summary["tasks"].items():
+        interval = "[{:+.2f}, {:+.2f}]".format(*row["interval"]) if "interval" in row else "-"
+        single, multi = value(row["single"], row["single_std"]), value(row["multi"], row["multi_std"])
+        delta = f"{row['delta']:+.2f} | {row['relative_delta']:+.1f}%"
+        lines.append(f"| {t} | {metric[t]} | {single} | {multi} | {delta} | {interval} |")
+    seeds = f" over {n} seeds (mean ± std)" if n > 1 else ""
+    dm = f"Δm {summary['delta_m']:+.2f}%" + (f" ± {summary['delta_m_std']:.2f}" if n > 1 else "")
+    line = f"\n{dm}{seeds} ({balance} balance)"
+    if "delta_m_interval" in summary:
+        lo, hi = summary["delta_m_interval"]
+        better = 100 * summary["p_better"]
+        line += f"; 95% interval [{lo:+.2f}, {hi:+.2f}]%, multi-task better in {better:.0f}% of resamples"
+    worst = summary["worst_task"]
+    line += (
+        f"; {summary['below_baseline']} of {len(metric)} tasks below their single-task baseline; "
+        f"worst: {worst} ({summary['tasks'][worst]['relative_delta']:+.1f}%)"
+    )
+    return "\n".join(lines) + "\n" + line
 
 
 def _single_task_config(cfg: RunConfig, task: str, share: float, output: Path) -> RunConfig:
@@ -127,14 +205,15 @@ def _single_task_config(cfg: RunConfig, task: str, share: float, output: Path) -
     return single
 
 
-def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = False) -> dict[str, dict]:
+def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = False) -> dict:
+    """The run's `fine_tuned` results (metrics and per-row scores), trained unless reused."""
     run_dir = Path(cfg.output)
     if (reuse or resume) and (run_dir / rundir.RESULTS).is_file():
         done = rundir.read_results(run_dir).get("fine_tuned")
         if done:
             print(f"[compare] reusing {run_dir}")
-            return done["tasks"]
+            return done
     started = resume and (run_dir / rundir.CONFIG).is_file()
     what = "continuing" if started else "training"
     print(f"[compare] {what} {run_dir} ({', '.join(cfg.task_names)}, {cfg.train.max_steps or 'epochs'} steps)")
-    return train(cfg, overwrite=overwrite, resume=started)["fine_tuned"]["tasks"]
+    return train(cfg, overwrite=overwrite, resume=started)["fine_tuned"]

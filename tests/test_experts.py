@@ -39,9 +39,16 @@ TASKS = ["sst2", "rte", "mnli", "squad"]
 CLUSTERS = {"sst2": "sentiment", "rte": "nli", "mnli": "nli"}  # squad: the default cluster
 
 
-def _model(model_dir, method: str = "cgc_lora", gate: str = "shared", rank: int = 12, perturb: bool = True):
+def _model(
+    model_dir,
+    method: str = "cgc_lora",
+    gate: str = "shared",
+    rank: int = 12,
+    perturb: bool = True,
+    gate_norm: str = "softmax",
+):
     base = load_base_model(str(model_dir))
-    kwargs = dict(rank=rank, alpha=16, dropout=0.0, targets="all-linear", gate=gate)
+    kwargs = dict(rank=rank, alpha=16, dropout=0.0, targets="all-linear", gate=gate, gate_norm=gate_norm)
     if method == "moe_lora":
         kwargs["experts"] = 4
     else:
@@ -175,6 +182,43 @@ def test_stacked_layer_equals_a_loop_over_experts(tiny_model_dir, method, gate):
             slow = slow + scaling * gates[tasks, e].view(-1, 1, 1) * expert_out
             start += r
     assert (fast - slow).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["moe_lora", "cgc_lora"])
+def test_count_gate_norm_weighs_experts_by_their_number_and_exports_exactly(tiny_model_dir, method):
+    model = _model(tiny_model_dir, method, perturb=False, gate_norm="count")
+    ids = _ids(model)
+    base = load_base_model(str(tiny_model_dir))
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    assert torch.equal(_logits(model, ids, torch.tensor([0, 1, 2, 3])), reference)  # starts at the base model
+    _perturb(model)
+    layer = _layers(model)[3]
+    router = layer.routers["default"]
+    allowed = torch.tensor(router.layout.allowed, dtype=torch.float32)
+    softmax = router.gates()
+    # what multiplies each expert: the softmax times the number of the row's experts (sums to it)
+    assert torch.allclose(router.weights(), softmax * allowed.sum(1, keepdim=True))
+    assert torch.allclose(router.weights().sum(1), allowed.sum(1))
+    # the stacked layer against a loop over experts weighted that way
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+    tasks = torch.tensor([1, 3, 0])
+    with torch.no_grad(), task_context(tasks):
+        fast = layer(x)
+        a, b = layer.experts_A["default"].weight, layer.experts_B["default"].weight
+        slow, start = layer.get_base_layer()(x), 0
+        for e, r in enumerate(router.layout.expert_ranks):
+            out = x @ a[start : start + r].T @ b[:, start : start + r].T
+            weight = softmax[tasks, e] * allowed[tasks].sum(1)
+            slow = slow + layer.scaling["default"] * weight.view(-1, 1, 1) * out
+            start += r
+    assert (fast - slow).abs().max() < 1e-5
+    # and every task's export still equals the gated model
+    for task in TASKS:
+        rows = [task_id(model, task)] * 2
+        with torch.no_grad():
+            merged = merge_task(model, task)(input_ids=ids[:2]).logits
+        assert (merged - _logits(model, ids[:2], rows)).abs().max() <= 1e-4, task
 
 
 def test_cgc_gate_sees_only_its_cluster_and_its_own_experts(tiny_model_dir):

@@ -127,6 +127,14 @@ class ExpertsConfig(PeftConfig):
     gate: Literal["shared", "per_layer"] = field(
         default="shared", metadata={"help": "one gate for all layers, or one gate projection per layer"}
     )
+    gate_norm: Literal["softmax", "count"] = field(
+        default="softmax",
+        metadata={
+            "help": "softmax: a task's gate weights sum to 1 (MOELoRA, CGC-LoRA as published); count: they sum "
+            "to the number of experts the task sees, so at uniform gates each expert moves the output as much "
+            "as the same rank slots of a plain LoRA"
+        },
+    )
     task_embedding_dim: int = field(default=64)
 
     method_name = "experts"
@@ -143,6 +151,8 @@ class ExpertsConfig(PeftConfig):
             raise MultituneError(f"{self.method_name}: dropout must be in [0, 1), got {self.dropout}")
         if self.gate not in ("shared", "per_layer"):
             raise MultituneError(f"{self.method_name}: gate must be 'shared' or 'per_layer', got '{self.gate}'")
+        if self.gate_norm not in ("softmax", "count"):
+            raise MultituneError(f"{self.method_name}: gate_norm must be 'softmax' or 'count', got '{self.gate_norm}'")
         if self.task_embedding_dim < 1:
             raise MultituneError(f"{self.method_name}: task_embedding_dim must be >= 1")
         self.task_names = list(self.task_names)

@@ -51,28 +51,37 @@ class GateRouter:
         self.proj = proj  # None: each layer has its own projection
         self._allowed = torch.tensor(layout.allowed, dtype=torch.bool)  # (G, E)
         self._slot_expert = torch.tensor(layout.slot_expert, dtype=torch.long)  # (R,)
+        # what the gate weights of a row sum to (see ExpertsConfig.gate_norm)
+        count = self._allowed.sum(1).float() if config.gate_norm == "count" else torch.ones(len(self._allowed))
+        self._gain = count.unsqueeze(1)  # (G, 1)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self._on:
-            self._on[device] = (self._allowed.to(device), self._slot_expert.to(device))
+            self._on[device] = (self._allowed.to(device), self._slot_expert.to(device), self._gain.to(device))
         return self._on[device]
 
     def gates(self, proj: nn.Linear | None = None) -> torch.Tensor:
         """(G, E) gate weights of every gate row: a softmax over the row's allowed experts, 0 elsewhere."""
         proj = proj if proj is not None else self.proj
         emb = self.embedding.weight
-        allowed, _ = self._constants(emb.device)
+        allowed, _, _ = self._constants(emb.device)
         learned = F.linear(emb, proj.weight.to(emb.dtype)).float()  # (T, E)
         fixed = learned.new_zeros(allowed.shape[0] - learned.shape[0], learned.shape[1])  # reserved rows: uniform
         logits = torch.cat([learned, fixed]).masked_fill(~allowed, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
+    def weights(self, proj: nn.Linear | None = None) -> torch.Tensor:
+        """(G, E) what each expert's output is multiplied by (before alpha / r): the gates, times
+        the number of a row's experts with gate_norm "count"."""
+        gates = self.gates(proj)
+        return gates * self._constants(gates.device)[2]
+
     def scale_table(self, proj: nn.Linear | None = None) -> torch.Tensor:
         """(G, R): the rank-slot scales of every gate row, alpha / r folded in."""
-        gates = self.gates(proj)
-        _, slot_expert = self._constants(gates.device)
-        return gates.index_select(1, slot_expert) * self.scaling
+        weights = self.weights(proj)
+        _, slot_expert, _ = self._constants(weights.device)
+        return weights.index_select(1, slot_expert) * self.scaling
 
     def row_scales(self, ids: torch.Tensor, proj: nn.Linear | None = None) -> torch.Tensor:
         """(B, R): the scales of each row of a batch with task ids `ids`."""
@@ -242,7 +251,7 @@ class ExpertsLinear(nn.Module, BaseTunerLayer):
         """
         router = self.routers[adapter_name]
         with torch.no_grad():
-            gates = router.gates(self.own_gate(adapter_name))[row]  # (E,)
+            gates = router.weights(self.own_gate(adapter_name))[row]  # (E,)
             slots = torch.tensor(router.layout.slots(row), dtype=torch.long, device=gates.device)
             g = gates.index_select(0, router._constants(gates.device)[1].index_select(0, slots))
             a = self.experts_A[adapter_name].weight

@@ -160,7 +160,7 @@ _register()
 
 METHODS: dict[str, type[ExpertsConfig]] = {"moe_lora": MoeLoraConfig, "cgc_lora": CgcLoraConfig}
 _ONLY = {"moe_lora": {"experts"}, "cgc_lora": {"common_experts", "task_experts"}}
-_KWARGS = {"rank", "alpha", "dropout", "targets", "gate", "task_embedding_dim"}
+_KWARGS = {"rank", "alpha", "dropout", "targets", "gate", "gate_norm", "task_embedding_dim"}
 
 
 def apply_experts(
