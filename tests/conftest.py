@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny BPE tokenizer (plain and chat) and tiny random causal LMs.
 
-Everything is built in-process from the shared data sets (no network), once per session.
+Everything is built in-process from the data shipped in examples/data (no network, nothing outside
+the repository), once per session.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -54,7 +55,7 @@ def _train_bpe() -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared data sets (``../shared/data``)."""
+    """The data sets shipped with the repository (``examples/data``)."""
     return DATA
 
 
@@ -150,7 +151,7 @@ def tiny_model_dir(tiny_model_dirs) -> Path:
 
 
 def _task_spec(name: str, kind: str, prompt: str, n_train: int, n_eval: int, **extra) -> dict:
-    """A task dict over ../shared/data/<name>, capped to small splits."""
+    """A task dict over examples/data/<name>, capped to small splits."""
     return {
         "name": name,
         "kind": kind,

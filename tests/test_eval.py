@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import task_rte, task_squad, write_yaml
+from conftest import DATA, task_rte, task_squad, write_yaml
 
 from multitune import run as rundir
 from multitune.cli import main
@@ -140,9 +140,7 @@ def test_text_perplexity_matches_the_model_loss(tiny_model_dir, run_config):
             {
                 "name": "pub",
                 "kind": "text",
-                "data": {
-                    "dev": str(rundir.Path(__file__).resolve().parents[2] / "shared/data/pubmed_abstracts/dev.jsonl")
-                },
+                "data": {"dev": str(DATA / "pubmed_abstracts/dev.jsonl")},
                 "max_eval_examples": 3,
             }
         ]

@@ -1,0 +1,47 @@
+"""The repository is self-contained: what the demo, the examples and the tests read ships in it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = {".git", ".venv", "runs", "bench", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def _files() -> list[Path]:
+    out = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if path.is_file() and not (set(rel.parts) & SKIP) and not rel.parts[0].endswith(".egg-info"):
+            out.append(path)
+    return out
+
+
+def test_nothing_outside_bench_reads_a_sibling_folder():
+    sibling = "../" + "shared"  # spelled in two pieces so that this file does not match itself
+    found = [str(p.relative_to(ROOT)) for p in _files() if sibling.encode() in p.read_bytes()]
+    assert found == []
+
+
+def test_every_example_reads_data_that_ships():
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        raw = yaml.safe_load(example.read_text())
+        for task in raw["tasks"]:
+            for split in ("train", "dev", "test"):
+                path = task["data"].get(split)
+                if path is not None:
+                    assert (ROOT / path).is_file(), (example.name, task["name"], path)
+                    rows = (ROOT / path).read_text(encoding="utf-8").splitlines()
+                    assert rows and all(isinstance(json.loads(r), dict) for r in rows)
+
+
+def test_shipped_data_is_small_and_documented():
+    data = ROOT / "examples" / "data"
+    assert sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) < 5 * 2**20
+    for task in data.iterdir():
+        source = (task / "SOURCE.md").read_text(encoding="utf-8")
+        assert "License" in source or "Licence" in source or "licence" in source, task.name
+        assert "| train |" in source, task.name
