@@ -5,8 +5,8 @@ Loss weightings need only the per-task losses (no extra backward); surgery needs
 task present in the batch; `interference_every=1` adds the per-task gradients for measuring, and
 `affinity_every=1` adds TAG's lookahead (K forwards and backwards + K x K forwards on sub-batches).
 
-    python bench/balance.py                 # bundled model, 4 tasks, 4 steps per variant (~10 minutes)
-    python bench/balance.py --steps 2       # a quick look
+    python bench/balance.py --data DIR                 # bundled model, 4 tasks, 4 steps per variant (~10 minutes)
+    python bench/balance.py --data DIR --steps 2       # a quick look
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTS = {
     "sst2": ("Review: {{ text }}\nIs the sentiment of this review positive or negative?", ["negative", "positive"]),
     "ag_news": ("Article: {{ text }}\nTopic?", ["Business", "Sci/Tech", "Sports", "World"]),
@@ -50,6 +49,7 @@ VARIANTS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of the full data sets (one sub-folder per task)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
@@ -63,7 +63,7 @@ def main() -> None:
         {
             "name": n,
             "kind": "classification",
-            "data": {"train": str(DATA / n / "train.jsonl")},
+            "data": {"train": str(Path(args.data) / n / "train.jsonl")},
             "prompt": prompt,
             "target": "{{ label }}",
             "labels": labels,

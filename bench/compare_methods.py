@@ -1,6 +1,6 @@
 """Multi-task LoRA vs MoE-LoRA vs CGC-LoRA vs one LoRA per task, at one parameter budget.
 
-Trains, on the bundled SmolLM2-135M-Instruct and four classification tasks of ../shared/data:
+Trains, on the bundled SmolLM2-135M-Instruct and four classification tasks of the full data sets (`--data DIR`):
 - `lora`, `moe_lora` and `cgc_lora` on the uniform mixture of the four tasks (`--steps` steps);
 - one `lora` per task (`--steps / 4` steps each: the same number of rows of that task as the
   multi-task runs see).
@@ -9,8 +9,8 @@ batch size, learning rate and schedule. It prints per-task dev accuracy, the mea
 relative change against the single-task baselines, in %) and how many tasks fell below their
 baseline, and writes the table to `<out>/comparison.md`.
 
-    python bench/compare_methods.py                 # the README's table (about 30 minutes on 2 CPU cores)
-    python bench/compare_methods.py --steps 8 --eval 16 --out /tmp/cmp   # a quick look
+    python bench/compare_methods.py --data DIR      # the README's table (about 30 minutes on 2 CPU cores)
+    python bench/compare_methods.py --data DIR --steps 8 --eval 16 --out /tmp/cmp   # a quick look
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from pathlib import Path
 
 from multitune.config import validate_config
 from multitune.train.loop import train
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TASKS = [
     {
@@ -56,11 +54,14 @@ TASKS = [
 ]
 
 
-def task_spec(t: dict, n_eval: int) -> dict:
+def task_spec(t: dict, n_eval: int, data: str) -> dict:
     return {
         "name": t["name"],
         "kind": "classification",
-        "data": {"train": str(DATA / t["name"] / "train.jsonl"), "dev": str(DATA / t["name"] / "dev.jsonl")},
+        "data": {
+            "train": str(Path(data) / t["name"] / "train.jsonl"),
+            "dev": str(Path(data) / t["name"] / "dev.jsonl"),
+        },
         "prompt": t["prompt"],
         "target": "{{ label }}",
         "labels": t["labels"],
@@ -91,6 +92,7 @@ def run(name: str, method: dict, tasks: list[dict], steps: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of the full data sets (one sub-folder per task)")
     p.add_argument("--steps", type=int, default=48, help="multi-task steps (single-task runs get steps / 4)")
     p.add_argument("--rank", type=int, default=12, help="rank budget (12 splits evenly into 4 and 6 experts)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -100,7 +102,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args()
 
-    tasks = [task_spec(t, args.eval) for t in TASKS]
+    tasks = [task_spec(t, args.eval, args.data) for t in TASKS]
     names = [t["name"] for t in tasks]
     rows: dict[str, dict] = {}
     params: dict[str, int] = {}

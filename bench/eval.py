@@ -9,8 +9,8 @@ and generates for a batch of prompts at once. Both produce predictions that go t
 function; the table shows both metrics and whether every prediction is the same, and the
 ratio of the matmul work the two do (`work`): the speed-up each would show at equal efficiency.
 
-    python bench/eval.py --quick      # about 3 minutes
-    python bench/eval.py              # the README's table
+    python bench/eval.py --data DIR --quick      # about 3 minutes
+    python bench/eval.py --data DIR              # the README's table
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-
-def tasks(n_cls: int, n_gen: int) -> list[dict]:
+def tasks(data_dir: str, n_cls: int, n_gen: int) -> list[dict]:
     def spec(name, kind, prompt, target, n, **extra):
-        data = {"dev": str(DATA / name / "dev.jsonl")}
+        data = {"dev": str(Path(data_dir) / name / "dev.jsonl")}
         return {
             "name": name,
             "kind": kind,
@@ -147,6 +145,7 @@ def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of the full data sets (one sub-folder per task)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--quick", action="store_true", help="24 classification rows and 8 QA rows per task")
     p.add_argument("--rows", type=int, default=100, help="classification rows per task")
@@ -163,7 +162,7 @@ def main() -> None:
 
     use_cores()  # threads and allocator as `multitune eval` sets them, for both loops
 
-    raw = {"model": args.model, "tasks": tasks(args.rows, args.gen_rows), "eval": {"max_new_tokens": 24}}
+    raw = {"model": args.model, "tasks": tasks(args.data, args.rows, args.gen_rows), "eval": {"max_new_tokens": 24}}
     cfg = validate_config(raw)
     rows = rundir.load_examples(cfg, "dev")
     model, tokenizer = rundir.load_base(cfg)

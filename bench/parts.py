@@ -22,8 +22,8 @@
   matmuls, attention, dropout's random words, the rest; and the GFLOP/s of the model's GEMMs and
   of the rank-16 LoRA products against the matmul peak measured in the same run.
 
-    python bench/parts.py            # all eight parts
-    python bench/parts.py --part dropout
+    python bench/parts.py --data DIR            # all eight parts
+    python bench/parts.py --data DIR --part dropout
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (the same rows, LoRA and lengths as the throughput bench)
 
+DATA = {"dir": ""}  # --data, set by main()
+
 
 def _model_and_batches(keep_memory: bool):
     from multitune.config import validate_config
@@ -51,7 +53,14 @@ def _model_and_batches(keep_memory: bool):
     if keep_memory:
         keep_freed_memory()
     args = argparse.Namespace(
-        model="smollm2-135m-instruct", rank=16, rows_per_task=2000, steps=4, batch=8, max_length=512, tmp="/tmp"
+        data=DATA["dir"],
+        model="smollm2-135m-instruct",
+        rank=16,
+        rows_per_task=2000,
+        steps=4,
+        batch=8,
+        max_length=512,
+        tmp="/tmp",
     )
     rows, tok = throughput.drawn_rows(args)
     cfg = validate_config(throughput.run_config(args, "parts"))
@@ -109,7 +118,10 @@ def allocator() -> None:
     out = {}
     for keep in (False, True):
         res = subprocess.run(
-            [sys.executable, __file__, "--child-allocator", str(int(keep))], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--data", DATA["dir"], "--child-allocator", str(int(keep))],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         out[keep] = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
         print(f"[allocator] {'keep_freed_memory' if keep else 'glibc defaults'}: best {out[keep]:.1f} s")
@@ -280,9 +292,11 @@ def dropout() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of the full data sets (one sub-folder per task)")
     p.add_argument("--part", choices=list(PARTS), action="append")
     p.add_argument("--child-allocator", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    DATA["dir"] = args.data
     if args.child_allocator is not None:
         _allocator_child(bool(args.child_allocator))
         return

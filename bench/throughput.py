@@ -1,7 +1,7 @@
 """Training throughput: multitune against the Trainer + PEFT LoRA loop a user would otherwise write.
 
-On the bundled SmolLM2-135M-Instruct and a fixed mixture of real tasks from ../shared/data (short
-classification rows next to long QA and summarisation rows), every arm trains on the same rows
+On the bundled SmolLM2-135M-Instruct and a fixed mixture of real tasks from the full data sets
+(`--data DIR`: short classification rows next to long QA and summarisation rows), every arm trains on the same rows
 (the first `steps x batch` draws of the uniform task mixture) with the same LoRA (rank, alpha,
 targets, dropout), batch size, max length, AdamW learning rate and schedule:
 
@@ -27,8 +27,8 @@ gradients) + 6 L d n^2 (causal attention, forward and backward) + 4 d V t (LM he
 exists); the same rows cost the same useful FLOPs in every arm, so the GFLOP/s ratio is the
 speed ratio.
 
-    python bench/throughput.py --quick     # hf-trainer and multitune only (8 minutes on a 2-core CPU)
-    python bench/throughput.py             # the README's table
+    python bench/throughput.py --data DIR --quick     # hf-trainer and multitune only (8 minutes on a 2-core CPU)
+    python bench/throughput.py --data DIR             # the README's table
 """
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-
-def tasks(limit: int) -> list[dict]:
+def tasks(data: str, limit: int) -> list[dict]:
     def spec(name, kind, prompt, target, **extra):
         return {
             "name": name,
             "kind": kind,
-            "data": {"train": str(DATA / name / "train.jsonl")},
+            "data": {"train": str(Path(data) / name / "train.jsonl")},
             "prompt": prompt,
             "target": target,
             "max_train_examples": limit,
@@ -84,7 +82,7 @@ def run_config(args, name: str, **train) -> dict:
     return {
         "model": args.model,
         "method": {"name": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05},
-        "tasks": tasks(args.rows_per_task),
+        "tasks": tasks(args.data, args.rows_per_task),
         "mixing": {"strategy": "uniform"},
         "train": {
             "max_steps": args.steps,
@@ -246,7 +244,7 @@ def run_arm(args, arm: str, rows, tokenizer) -> dict:
     return multitune_arm(args, arm, **ARMS[arm])
 
 
-FORWARDED = ("model", "steps", "batch", "rank", "max_length", "rows_per_task")
+FORWARDED = ("data", "model", "steps", "batch", "rank", "max_length", "rows_per_task")
 
 ARMS = {
     "hf-trainer": None,
@@ -259,6 +257,7 @@ ARMS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of the full data sets (one sub-folder per task)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument(
         "--quick", action="store_true", help="hf-trainer and multitune only, 1 round of 3 steps after the warm-up"
