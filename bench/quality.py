@@ -1,0 +1,133 @@
+"""The quality study (docs/results.md): every method on the same four tasks and budget, against one
+LoRA per task, with the whole dev split of every task.
+
+    python bench/quality.py --data DIR --runs STUDY train lora-r16            # singles + multi-task, seed 0
+    python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
+    python bench/quality.py --runs STUDY collect                             # small outputs -> docs/results/
+    python bench/quality.py table                                            # docs/results -> markdown tables
+
+`train` runs `multitune compare` on bench/quality/study.yaml with the variant's overrides, the
+single-task baselines shared by every variant in STUDY/single-r16, and --resume: a stopped study
+continues where it stopped (each run checkpoints every 25 steps). `collect` copies each finished
+run's config.yaml and results.json, and each variant's compare.json / compare.md, into
+docs/results/, so nothing has to be trained twice; `table` rebuilds the tables from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STUDY = HERE / "quality" / "study.yaml"
+RESULTS = HERE.parent / "docs" / "results"
+TASKS = ("sst2", "ag_news", "rte", "medical_abstracts")
+SINGLES = "single-r16"
+
+# name -> overrides of study.yaml (LoRA rank 16, alpha 32, lr 5e-4 unless set here)
+VARIANTS = {
+    "lora-r16": [],
+    "lora-r64": ["method.rank=64", "method.alpha=128"],
+    "moe-softmax": ["method.name=moe_lora", "method.experts=4"],
+    "moe-count": ["method.name=moe_lora", "method.experts=4", "method.gate_norm=count"],
+    "cgc-softmax": ["method.name=cgc_lora", "method.common_experts=2", "method.task_experts=1"],
+    "cgc-count": ["method.name=cgc_lora", "method.common_experts=2", "method.task_experts=1", "method.gate_norm=count"],
+    "famo": ["train.balance=famo"],
+    "pcgrad": ["train.balance=pcgrad"],
+    "imtl_g": ["train.balance=imtl_g"],
+    "adapter": ["method.name=adapter", "method.bottleneck=64"],
+}
+
+
+def data_overrides(data: str) -> list[str]:
+    return [f"tasks.{t}.data.{s}={Path(data) / t / f'{s}.jsonl'}" for t in TASKS for s in ("train", "dev")]
+
+
+def train_variant(args) -> None:
+    from multitune.study import compare_run
+
+    out = Path(args.runs) / (args.name or args.variant)
+    overrides = [*data_overrides(args.data), *VARIANTS[args.variant], *args.set, f"output={out}"]
+    if args.threads:
+        overrides.append(f"train.threads={args.threads}")
+    print(compare_run(STUDY, overrides, singles=str(Path(args.runs) / SINGLES), resume=True, seeds=args.seeds))
+
+
+def collect(args) -> None:
+    """Copy the small outputs of every finished run under --runs into docs/results/."""
+    runs = Path(args.runs)
+    for results in sorted(runs.rglob("results.json")):
+        if "fine_tuned" not in json.loads(results.read_text()):
+            continue
+        dst = RESULTS / results.parent.relative_to(runs)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "results.md", "config.yaml"):
+            if (results.parent / name).is_file():
+                shutil.copyfile(results.parent / name, dst / name)
+    for compare in sorted(runs.rglob("compare.json")):
+        dst = RESULTS / compare.parent.relative_to(runs)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("compare.json", "compare.md"):
+            shutil.copyfile(compare.parent / name, dst / name)
+    print(f"copied into {RESULTS}")
+
+
+def table(args) -> None:
+    """One row per collected variant: dev accuracy per task, mean, Δm against one LoRA per task."""
+    print("| variant | seeds | " + " | ".join(TASKS) + " | mean | Δm vs single-task (95% interval) | train s |")
+    print("|---|---|" + "---|" * len(TASKS) + "---|---|---|")
+    singles = {}
+    for t in TASKS:
+        path = RESULTS / SINGLES / t / "results.json"
+        if path.is_file():
+            singles[t] = json.loads(path.read_text())["fine_tuned"]["tasks"][t]["accuracy"]
+    if len(singles) == len(TASKS):
+        mean = sum(singles.values()) / len(TASKS)
+        cells = " | ".join(f"{singles[t]:.1f}" for t in TASKS)
+        print(f"| one LoRA per task (r16 each) | 1 | {cells} | {mean:.1f} | 0 | |")
+    for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
+        variant = folder.name
+        compare = folder / "compare.json"
+        c = json.loads(compare.read_text())
+        n = len(c.get("seeds", [0]))
+        accs = [c["tasks"][t]["multi"] for t in TASKS]
+        lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
+        seconds = json.loads((RESULTS / variant / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
+        cells = " | ".join(f"{a:.1f}" for a in accs)
+        print(
+            f"| {variant} | {n} | {cells} | {sum(accs) / len(accs):.1f} | "
+            f"{c['delta_m']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="folder of the full data sets (train)")
+    parser.add_argument("--runs", help="folder of the study's runs")
+    parser.add_argument("--threads", type=int)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train")
+    p.add_argument("variant", choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--set", nargs="*", default=[], help="more overrides (e.g. train.lr=1e-3)")
+    p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
+    sub.add_parser("collect")
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "train":
+        if not (args.data and args.runs):
+            sys.exit("train needs --data and --runs")
+        train_variant(args)
+    elif args.command == "collect":
+        if not args.runs:
+            sys.exit("collect needs --runs")
+        collect(args)
+    else:
+        table(args)
+
+
+if __name__ == "__main__":
+    main()
