@@ -57,7 +57,7 @@ def main() -> None:
     args = p.parse_args()
 
     from multitune.config import validate_config
-    from multitune.train.loop import train
+    from multitune.training.loop import train
 
     tasks = [
         {

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from multitune.config import validate_config
-from multitune.train.loop import train
+from multitune.training.loop import train
 
 TASKS = [
     {

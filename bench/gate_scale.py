@@ -27,7 +27,7 @@ from multitune import run as rundir
 from multitune.config import load_config
 from multitune.methods.experts import ExpertsLinear
 from multitune.methods.experts.config import gate_row
-from multitune.train.loop import train
+from multitune.training.loop import train
 
 STUDY = Path(__file__).resolve().parent / "quality" / "study.yaml"
 VARIANTS = {

@@ -53,7 +53,8 @@ def train_variant(args) -> None:
     overrides = [*data_overrides(args.data), *VARIANTS[args.variant], *args.set, f"output={out}"]
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    print(compare_run(STUDY, overrides, singles=str(Path(args.runs) / SINGLES), resume=True, seeds=args.seeds))
+    done = compare_run(STUDY, overrides, singles=str(Path(args.runs) / SINGLES), resume=True, seeds=args.seeds)
+    print(done["text"])
 
 
 def collect(args) -> None:

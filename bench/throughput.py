@@ -7,7 +7,7 @@ targets, dropout), batch size, max length, AdamW learning rate and schedule:
 
 - `hf-trainer`: `transformers.Trainer` + `peft.get_peft_model` + `DataCollatorForSeq2Seq`
   (pads every batch to its longest row, full logits, the model's own loss);
-- `multitune`: `multitune.train.loop.train` as `multitune train` runs it (rows packed into
+- `multitune`: `multitune.training.loop.train` as `multitune train` runs it (rows packed into
   sequences of up to `train.pack_length`, by default 2048 tokens on a CPU, LM head only at target
   positions, `WordDropout`);
 - `multitune-padded`: the same with `train.packing=false` (left padding, LM head at targets), to
@@ -217,7 +217,7 @@ def hf_trainer_arm(args, rows, tokenizer) -> dict:
 
 def multitune_arm(args, name: str, **train_options) -> dict:
     from multitune.config import validate_config
-    from multitune.train.loop import train
+    from multitune.training.loop import train
 
     cfg = validate_config(run_config(args, name, **train_options))
     results = train(cfg, overwrite=True, final_eval=False)["train"]

@@ -1,22 +1,27 @@
-"""What the `eval` and `predict` commands do, callable from Python."""
+"""The Python API: what each command does, as a function that returns its result (nothing is
+printed) and changes no process-wide setting (threads, allocator, logging: the command line sets
+those). `import multitune` exposes these functions; docs/python-api.md shows them at work."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from multitune import run as rundir
-from multitune.config import RunConfig, apply_override, load_config, resolve_paths, validate_config
+from multitune.config import RunConfig, apply_override, as_config, load_config, resolve_paths, validate_config
 from multitune.data.sources import parse_jsonl, row_to_example
 from multitune.errors import MultituneError
-from multitune.evaluate.runner import evaluate, predict
+from multitune.evaluation.runner import evaluate as run_evaluation
+from multitune.evaluation.runner import predict as run_prediction
 from multitune.lock import RunLock
-from multitune.runtime import use_cores
+from multitune.runtime import threads
 
 
-def _config_for(target: str | Path, overrides: list[str]) -> tuple[RunConfig, Path | None]:
-    """A run dir's saved config or a YAML file, with overrides applied."""
+def _config_for(target: str | Path | dict | RunConfig, overrides: list[str]) -> tuple[RunConfig, Path | None]:
+    """A run dir's saved config, or a config (YAML path, dict, RunConfig), with overrides applied."""
+    if not isinstance(target, str | Path):
+        return as_config(target, overrides), None
     target = Path(target)
     if target.is_dir():
         cfg = rundir.load_run_config(target)
@@ -26,18 +31,36 @@ def _config_for(target: str | Path, overrides: list[str]) -> tuple[RunConfig, Pa
                 apply_override(raw, item)
             cfg = resolve_paths(validate_config(raw, source=str(target / rundir.CONFIG)))
         return cfg, target
-    return load_config(target, overrides), None
+    return as_config(target, overrides), None
 
 
-def evaluate_run(
-    target: str | Path,
+def train(
+    config: str | Path | dict | RunConfig,
     overrides: list[str] | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> dict:
+    """Fine-tune as `multitune train` does; returns the run's results.json content (zero-shot and
+    fine-tuned metrics per task, the training summary). `config`: a YAML path, a dict of the
+    YAML's content or a RunConfig; `overrides`: `key.sub=value` strings."""
+    from multitune.training.loop import train as run_training
+
+    return run_training(as_config(config, overrides), overwrite=overwrite, resume=resume)
+
+
+def evaluate(
+    target: str | Path | dict | RunConfig,
+    overrides: list[str] | None = None,
+    *,
     base: bool = False,
     split: str | None = None,
     tasks_from: str | Path | None = None,
     task_fallback: str | None = None,
-) -> str:
-    """Evaluate a run's model (or the base model) and return the markdown table.
+) -> dict:
+    """Evaluate a run's model (a run dir) or the base model of a config; returns {"model":
+    "trained" | "base", "split", "results" (metrics per task, per-row scores), "table" (markdown),
+    "saved" (the file it was written to, or None)}.
 
     For a run dir, the result goes to a file of its own, `RUN/evals/<time>-<model>-<split>-n<rows>
     .json` (and `.md`): the run's results.json stays the record of its training. The table sets
@@ -46,26 +69,30 @@ def evaluate_run(
     task-gated model was not trained on need `task_fallback` ("common": its common experts only).
     """
     cfg, run_dir = _config_for(target, overrides or [])
-    use_cores(cfg.train.threads)
     if split is not None:
         cfg.eval.split = split
     if tasks_from is not None:
         cfg.tasks = load_config(tasks_from).tasks
     if run_dir is None and not base:
-        base = True  # a YAML file has no trained model: evaluate its base model
+        base = True  # a config has no trained model: evaluate its base model
     rows = rundir.load_examples(cfg, cfg.eval.split)
     if not rows:
         raise MultituneError(f"no task of {target} has a {cfg.eval.split} split: nothing to evaluate")
-    if base:
-        model, tokenizer = rundir.load_base(cfg)
-    else:
-        model, tokenizer = rundir.load_trained_model(run_dir, cfg)
-    gate_ids = _gate_ids(model, cfg.task_names, task_fallback)
-    result = evaluate(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, gate_ids=gate_ids)
+    with threads(cfg.train.threads):
+        if base:
+            model, tokenizer = rundir.load_base(cfg)
+        else:
+            model, tokenizer = rundir.load_trained_model(run_dir, cfg)
+        gate_ids = _gate_ids(model, cfg.task_names, task_fallback)
+        result = run_evaluation(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, gate_ids=gate_ids)
     key = "zero_shot" if base else "fine_tuned"
+    out = {"model": "base" if base else "trained", "split": cfg.eval.split, "results": result, "saved": None}
     if run_dir is None:
-        return rundir.results_table({key: result}, cfg)
-    return rundir.write_evaluation(run_dir, key, cfg.eval.split, result, cfg, paired=tasks_from is None)
+        out["table"] = rundir.results_table({key: result}, cfg)
+    else:
+        paired = tasks_from is None
+        out["table"], out["saved"] = rundir.write_evaluation(run_dir, key, cfg.eval.split, result, cfg, paired)
+    return out
 
 
 def _gate_ids(model, names: list[str], fallback: str | None) -> dict[str, int] | None:
@@ -87,44 +114,63 @@ def _gate_ids(model, names: list[str], fallback: str | None) -> dict[str, int] |
     return {name: task_id(model, name, fallback) for name in names}
 
 
-def predict_rows(
+def predict(
+    run: str | Path,
+    task: str,
+    rows: Iterable[dict] | str | Path,
+    *,
+    base: bool = False,
+    tasks_from: str | Path | None = None,
+    task_fallback: str | None = None,
+) -> list[dict]:
+    """Each input row with its prediction added, in input order. `rows`: dicts with the fields
+    the task's prompt reads, or a JSONL file of them. `tasks_from` / `task_fallback`: as for
+    `evaluate`, for a task defined outside the run."""
+    if isinstance(rows, str | Path):
+        with open(rows, "rb") as f:
+            parsed = [(f"{rows}:{lineno}", row) for lineno, row in parse_jsonl(f, str(rows))]
+    else:
+        parsed = [(f"rows[{i}]", row) for i, row in enumerate(rows)]
+        for where, row in parsed:
+            if not isinstance(row, dict):
+                raise MultituneError(f"{where}: a row is a dict of fields, not {type(row).__name__}")
+    return predict_parsed(Path(run), task, parsed, "rows", base, tasks_from, task_fallback)
+
+
+def predict_parsed(
     run_dir: Path,
     task_name: str,
-    rows: Iterable[str],
+    parsed: list[tuple[str, dict]],
     source: str,
     base: bool = False,
     tasks_from: str | Path | None = None,
     task_fallback: str | None = None,
-) -> Iterator[dict]:
-    """Yield each input row with its prediction added, in input order. `tasks_from` /
-    `task_fallback`: as for `evaluate_run`, for a task defined outside the run."""
+) -> list[dict]:
+    """`predict` on rows already read: (where, row) pairs, `where` naming each row in errors."""
     cfg = rundir.load_run_config(run_dir)
-    use_cores(cfg.train.threads)
     if tasks_from is not None:
         cfg.tasks = load_config(tasks_from).tasks
     task = cfg.task(task_name)
-    parsed = parse_jsonl(rows, source)
-    examples = [row_to_example(task, row, f"{source}:{lineno}", need_target=False) for lineno, row in parsed]
-    originals = [row for _, row in parsed]
+    examples = [row_to_example(task, row, where, need_target=False) for where, row in parsed]
     if not examples:
         raise MultituneError(f"{source}: no input rows")
-    model, tokenizer = rundir.load_base(cfg) if base else rundir.load_trained_model(run_dir, cfg)
-    gate_ids = _gate_ids(model, [task.name], task_fallback)
-    encoder = rundir.make_encoder(cfg, tokenizer)
-    preds = predict(
-        model,
-        encoder,
-        task,
-        examples,
-        cfg.eval.batch_size,
-        cfg.eval.max_new_tokens,
-        gate_ids[task.name] if gate_ids else None,
-    )
-    for row, pred in zip(originals, preds, strict=True):
-        yield {**row, **pred}
+    with threads(cfg.train.threads):
+        model, tokenizer = rundir.load_base(cfg) if base else rundir.load_trained_model(run_dir, cfg)
+        gate_ids = _gate_ids(model, [task.name], task_fallback)
+        encoder = rundir.make_encoder(cfg, tokenizer)
+        preds = run_prediction(
+            model,
+            encoder,
+            task,
+            examples,
+            cfg.eval.batch_size,
+            cfg.eval.max_new_tokens,
+            gate_ids[task.name] if gate_ids else None,
+        )
+    return [{**row, **pred} for (_, row), pred in zip(parsed, preds, strict=True)]
 
 
-def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = None) -> Path:
+def export(run_dir: str | Path, task: str | None = None, fmt: str = "peft-lora", out: str | Path | None = None) -> Path:
     """Write a run's model for serving without multitune.
 
     peft-lora: an ordinary PEFT LoRA adapter (for task-gated experts: task `task`'s gate folded
@@ -133,6 +179,7 @@ def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = Non
     """
     from multitune.config import EXPERT_METHODS
 
+    run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
     method = cfg.method.name
     if method in EXPERT_METHODS and task is None:
@@ -144,11 +191,11 @@ def export_run(run_dir: Path, task: str | None, fmt: str, out: Path | None = Non
             f"an adapter run has no LoRA to export: its PEFT adapter is {Path(run_dir) / rundir.MODEL} "
             "(load it with multitune imported)"
         )
-    out = Path(out) if out is not None else rundir.child(Path(run_dir) / "export", f"{task or method}-{fmt}")
+    out = Path(out) if out is not None else rundir.child(run_dir / "export", f"{task or method}-{fmt}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
     with RunLock(run_dir):
-        return _export(Path(run_dir), cfg, task, fmt, out)
+        return _export(run_dir, cfg, task, fmt, out)
 
 
 def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path) -> Path:
@@ -217,3 +264,27 @@ def gates_run(run_dir: Path) -> tuple[str, Path]:
     for task, weights in table.items():
         lines.append(f"| {task} | " + " | ".join(f"{w:.3f}" for w in weights) + " |")
     return "\n".join(lines), png
+
+
+def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's HTML report (RUN/report.html, or `out`); returns its path."""
+    from multitune.reporting import write_report
+
+    return write_report(run_dir, out)
+
+
+def affinity(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, **options) -> dict:
+    """Lookahead task affinity over a short run (`multitune affinity`): {"tasks", "matrix",
+    "measurements", "clusters", "text"}; options: steps, every, clusters, lookahead_lr, output,
+    overwrite."""
+    from multitune.study import affinity_run
+
+    return affinity_run(config, overrides, **options)
+
+
+def compare(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, **options) -> dict:
+    """Single-task baselines against the multi-task run (`multitune compare`): per-task deltas,
+    Δm, intervals, and the table as "text"; options: singles, reuse, overwrite, resume, seeds."""
+    from multitune.study import compare_run
+
+    return compare_run(config, overrides, **options)

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _quiet_libraries()
+        from multitune.runtime import use_cores
+
+        use_cores()  # every core and the allocator setting (a config's train.threads is applied per call)
         if args.command == "train":
             return _train(args)
         if args.command == "eval":
@@ -118,8 +121,8 @@ def _quiet_libraries() -> None:
 
 
 def _train(args) -> int:
+    from multitune.api import train
     from multitune.config import load_config
-    from multitune.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, overwrite=args.overwrite, resume=args.resume)
@@ -128,9 +131,9 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from multitune.api import evaluate_run
+    from multitune.api import evaluate
 
-    table = evaluate_run(
+    done = evaluate(
         args.target,
         args.overrides,
         base=args.model == "base",
@@ -138,7 +141,9 @@ def _eval(args) -> int:
         tasks_from=args.tasks_from,
         task_fallback=args.task_fallback,
     )
-    print(table)
+    print(done["table"])
+    if done["saved"] is not None:
+        print(f"saved in {done['saved']}")
     return 0
 
 
@@ -146,7 +151,8 @@ def _predict(args) -> int:
     import os
     import tempfile
 
-    from multitune.api import predict_rows
+    from multitune.api import predict_parsed
+    from multitune.data.sources import parse_jsonl
     from multitune.errors import MultituneError
 
     if args.input and not Path(args.input).is_file():
@@ -162,10 +168,11 @@ def _predict(args) -> int:
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     name = args.input or "<stdin>"
     try:
-        rows = predict_rows(
+        parsed = [(f"{name}:{lineno}", row) for lineno, row in parse_jsonl(source, name)]
+        rows = predict_parsed(
             Path(args.run),
             args.task,
-            source,
+            parsed,
             name,
             base=args.model == "base",
             tasks_from=args.tasks_from,
@@ -192,9 +199,9 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from multitune.api import export_run
+    from multitune.api import export
 
-    out = export_run(Path(args.run), args.task, args.format, Path(args.out) if args.out else None)
+    out = export(Path(args.run), args.task, args.format, Path(args.out) if args.out else None)
     print(f"exported {args.format} to {out}")
     return 0
 
@@ -209,17 +216,17 @@ def _gates(args) -> int:
 
 
 def _report(args) -> int:
-    from multitune.report import write_report
+    from multitune.api import report
 
-    print(f"report: {write_report(args.run, args.out)}")
+    print(f"report: {report(args.run, args.out)}")
     return 0
 
 
 def _affinity(args) -> int:
-    from multitune.study import affinity_run
+    from multitune.api import affinity
 
     print(
-        affinity_run(
+        affinity(
             args.config,
             args.overrides,
             steps=args.steps,
@@ -228,16 +235,16 @@ def _affinity(args) -> int:
             lookahead_lr=args.lookahead_lr,
             output=args.output,
             overwrite=args.overwrite,
-        )
+        )["text"]
     )
     return 0
 
 
 def _compare(args) -> int:
-    from multitune.study import compare_run
+    from multitune.api import compare
 
     print(
-        compare_run(
+        compare(
             args.config,
             args.overrides,
             singles=args.singles,
@@ -245,7 +252,7 @@ def _compare(args) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             seeds=args.seeds,
-        )
+        )["text"]
     )
     return 0
 

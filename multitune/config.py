@@ -7,6 +7,7 @@ close), because a typo found after a 30-second model load is a typo found too la
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -390,6 +391,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         apply_override(raw, item)
     cfg = validate_config(raw, source=str(path))
     return resolve_paths(cfg)
+
+
+def as_config(config: str | Path | dict | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    """A validated run config from a YAML path, a dict of the YAML's content or a `RunConfig`,
+    with `key.sub=value` overrides applied (the Python API takes any of the three)."""
+    if isinstance(config, str | Path):
+        return load_config(config, overrides)
+    if isinstance(config, RunConfig):
+        raw, source = config.model_dump(mode="json"), "config"
+    elif isinstance(config, dict):
+        raw, source = copy.deepcopy(config), "config dict"
+    else:
+        raise MultituneError(f"a run config is a YAML path, a dict or a RunConfig, not {type(config).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return resolve_paths(validate_config(raw, source=source))
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:

@@ -26,7 +26,7 @@ from multitune.lock import LOCK, RunLock
 from multitune.methods import saves_adapter
 from multitune.models.base import load_base_model, load_tokenizer, resolve_model_dir
 from multitune.tasks.spec import primary_metric
-from multitune.train.checkpoint import list_checkpoints
+from multitune.training.checkpoint import list_checkpoints
 
 CONFIG = "config.yaml"
 MODEL = "model"
@@ -387,11 +387,13 @@ def write_results(run_dir: Path, results: dict, cfg: RunConfig) -> str:
     return table
 
 
-def write_evaluation(run_dir: Path, key: str, split: str, result: dict, cfg: RunConfig, paired: bool = True) -> str:
+def write_evaluation(
+    run_dir: Path, key: str, split: str, result: dict, cfg: RunConfig, paired: bool = True
+) -> tuple[str, Path]:
     """Store a later evaluation of a run in a file of its own under RUN/evals/ (results.json is
     the record of training and is never rewritten) and return its table. The run's other column
     (zero-shot beside a fine-tuned evaluation, and the reverse) is set beside it, with Δ, only
-    when both scored the same split with the same rows of every task."""
+    when both scored the same split with the same rows of every task. Returns (table, file)."""
     n = {t: m["n"] for t, m in result["tasks"].items()}
     model = "base" if key == "zero_shot" else "trained"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -415,7 +417,7 @@ def write_evaluation(run_dir: Path, key: str, split: str, result: dict, cfg: Run
     write_atomic(path.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     table = results_table(columns, cfg) + note
     write_atomic(path.with_suffix(".md"), table + "\n")
-    return f"{table}\nsaved in {path.with_suffix('.json')}"
+    return table, path.with_suffix(".json")
 
 
 def _sizes(n: dict[str, int]) -> str:

@@ -1,7 +1,8 @@
 """What speed depends on besides the math: threads, the allocator, compilation.
 
-`use_cores` is called once by `train` and by the `eval` / `predict` commands; benches call it
-too, so they measure what a user gets.
+`use_cores` is called once by the command line (every command); benches call it too, so they
+measure what a user gets. The library changes no process-wide setting: `threads` sets the thread
+count a config asks for (`train.threads`) for one call and puts it back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ def use_cores(threads: int | None = None) -> None:
     """All cores (or `threads`) for intra-op work, and freed memory kept for reuse."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     keep_freed_memory()
+
+
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """`torch.set_num_threads(count)` inside the block, the previous count after it (None: as is)."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def keep_freed_memory() -> None:

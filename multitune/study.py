@@ -8,18 +8,18 @@ import json
 from pathlib import Path
 
 from multitune import run as rundir
-from multitune.config import RunConfig, load_config
+from multitune.config import RunConfig, as_config
 from multitune.data.mixing import mixture_probabilities
 from multitune.errors import MultituneError
-from multitune.evaluate.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
-from multitune.evaluate.interference import compare_table, propose_clusters
+from multitune.evaluation.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
+from multitune.evaluation.interference import compare_table, propose_clusters
 from multitune.lock import RunLock
 from multitune.tasks.spec import higher_is_better, primary_metric
-from multitune.train.loop import train
+from multitune.training.loop import train
 
 
 def affinity_run(
-    config: str | Path,
+    config: str | Path | dict | RunConfig,
     overrides: list[str] | None = None,
     steps: int = 40,
     every: int = 1,
@@ -27,10 +27,11 @@ def affinity_run(
     lookahead_lr: float | None = None,
     output: str | None = None,
     overwrite: bool = False,
-) -> str:
+) -> dict:
     """Train `steps` steps measuring TAG lookahead affinity every `every` steps; return the
-    averaged matrix and a proposed grouping into `clusters` clusters, as text."""
-    cfg = load_config(config, overrides)
+    averaged matrix and a proposed grouping into `clusters` clusters: {"tasks", "matrix",
+    "measurements", "clusters" (task -> cluster), "text" (also in OUTPUT/affinity.md)}."""
+    cfg = as_config(config, overrides)
     cfg.train.max_steps = steps
     cfg.train.affinity_every = every
     cfg.train.affinity_lr = lookahead_lr or cfg.train.affinity_lr
@@ -39,7 +40,8 @@ def affinity_run(
     cfg.eval.zero_shot = False
     cfg.output = output or f"{cfg.output}-affinity"
     if clusters > len(cfg.tasks):
-        raise MultituneError(f"--clusters {clusters} is more than the {len(cfg.tasks)} tasks of {config}")
+        where = config if isinstance(config, str | Path) else "the config"
+        raise MultituneError(f"--clusters {clusters} is more than the {len(cfg.tasks)} tasks of {where}")
     results = train(cfg, overwrite=overwrite, final_eval=False)
     names, matrix = results["affinity"]["tasks"], results["affinity"]["matrix"]
     never = [f"{names[i]}>{names[j]}" for i, row in enumerate(matrix) for j, v in enumerate(row) if v is None]
@@ -57,23 +59,24 @@ def affinity_run(
     lines.append(f"heatmap: {Path(cfg.output) / 'affinity.png'}")
     text = "\n".join(lines)
     rundir.write_atomic(Path(cfg.output) / "affinity.md", text + "\n")
-    return text
+    measured = results["affinity"]["measurements"]
+    return {"tasks": names, "matrix": matrix, "measurements": measured, "clusters": groups, "text": text}
 
 
 def compare_run(
-    config: str | Path,
+    config: str | Path | dict | RunConfig,
     overrides: list[str] | None = None,
     singles: str | None = None,
     reuse: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     seeds: list[int] | None = None,
-) -> str:
+) -> dict:
     """Train one single-task run per task (same method, budget and settings; each sees as many
     rows of its task as the multi-task run does) and the multi-task run, then compare them: per-task
     deltas, Δm, tasks below their baseline, the worst task, and a 95% paired-bootstrap interval
-    over the dev rows for each delta and for Δm (multitune/evaluate/bootstrap.py). Returns the
-    markdown table, also written to OUTPUT/compare.md and compare.json.
+    over the dev rows for each delta and for Δm (multitune/evaluation/bootstrap.py). Returns
+    compare.json's content with the markdown table as "text" (both also written to OUTPUT/).
 
     `singles`: where the single-task runs live (default `<output>-single`), so several multi-task
     variants (balancing methods, mixtures) can share one set of baselines; `reuse`: read finished
@@ -82,7 +85,7 @@ def compare_run(
     hours survives being stopped). `seeds`: train every run once per seed, in
     `<output>/seed-<s>` and `<singles>/<task>/seed-<s>`; the table shows mean ± std over seeds and
     the interval of the seed-averaged per-row scores."""
-    cfg = load_config(config, overrides)
+    cfg = as_config(config, overrides)
     singles_dir = Path(singles or f"{cfg.output}-single")
     sizes = {t: len(rows) for t, rows in rundir.load_examples(cfg, "train").items()}
     missing = [t.name for t in cfg.tasks if t.name not in sizes]
@@ -110,7 +113,7 @@ def compare_run(
     with RunLock(cfg.output):
         rundir.write_atomic(Path(cfg.output) / "compare.json", json.dumps(summary, indent=1) + "\n")
         rundir.write_atomic(Path(cfg.output) / "compare.md", text + "\n")
-    return text
+    return {**summary, "text": text}
 
 
 def _seed_dir(path: Path, seed: int, seeds: list[int] | None) -> Path:

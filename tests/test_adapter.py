@@ -21,7 +21,7 @@ from multitune.methods import apply_method, count_parameters, saves_adapter
 from multitune.methods.adapter import AdapterConfig, BottleneckLayer, apply_adapter, find_places
 from multitune.methods.task_context import task_context
 from multitune.models.base import load_base_model
-from multitune.train.loop import train
+from multitune.training.loop import train
 
 # PEFT and the loop call transformers' deprecated checkpointing names: not ours to fix
 pytestmark = [

@@ -1,4 +1,4 @@
-"""Tests for multitune.train.surgery (gradient surgery) and multitune.train.objectives (loss balancers)."""
+"""Tests for multitune.training.surgery (gradient surgery) and multitune.training.objectives (loss balancers)."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from multitune.errors import MultituneError
-from multitune.train.objectives import BALANCERS, make_balancer
-from multitune.train.surgery import (
+from multitune.training.objectives import BALANCERS, make_balancer
+from multitune.training.surgery import (
     SURGERY,
     _pcgrad_rows,
     aligned_mtl,

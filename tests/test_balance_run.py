@@ -6,8 +6,8 @@ import pytest
 
 from multitune.config import validate_config
 from multitune.errors import MultituneError
-from multitune.train.checkpoint import list_checkpoints
-from multitune.train.loop import train
+from multitune.training.checkpoint import list_checkpoints
+from multitune.training.loop import train
 
 
 def _records(run_dir, split: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Seeds and the paired bootstrap (multitune/evaluate/bootstrap.py), on examples small enough to
+"""Seeds and the paired bootstrap (multitune/evaluation/bootstrap.py), on examples small enough to
 work out by hand, and `multitune compare --seeds` end to end on a tiny model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from conftest import task_rte, task_sst2, write_yaml
 
 from multitune.cli import main
 from multitune.errors import MultituneError
-from multitune.evaluate.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
+from multitune.evaluation.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
 from multitune.study import compare_seeds
 
 

@@ -12,9 +12,9 @@ from multitune import run as rundir
 from multitune.config import validate_config
 from multitune.data.sources import Example
 from multitune.errors import MultituneError
-from multitune.evaluate.retention import retention_examples
-from multitune.train.checkpoint import list_checkpoints
-from multitune.train.loop import train
+from multitune.evaluation.retention import retention_examples
+from multitune.training.checkpoint import list_checkpoints
+from multitune.training.loop import train
 
 
 def _pubmed(n_train: int = 32, n_eval: int = 8) -> dict:

@@ -13,7 +13,7 @@ from multitune.methods import count_parameters
 from multitune.methods.experts import task_id
 from multitune.methods.task_context import task_context
 from multitune.models.base import load_base_model
-from multitune.train.loop import train
+from multitune.training.loop import train
 
 CGC = {"name": "cgc_lora", "rank": 8, "alpha": 16, "dropout": 0.0, "common_experts": 2, "task_experts": 1}
 

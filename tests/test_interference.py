@@ -1,4 +1,4 @@
-"""Tests for multitune.evaluate.interference: gradient geometry, TAG affinity and grouping, Δm, plots."""
+"""Tests for multitune.evaluation.interference: gradient geometry, TAG affinity and grouping, Δm, plots."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multitune.errors import MultituneError
-from multitune.evaluate.interference import (
+from multitune.evaluation.interference import (
     average_affinity,
     compare_table,
     conflict_rate,
@@ -17,7 +17,7 @@ from multitune.evaluate.interference import (
     plot_matrix,
     propose_clusters,
 )
-from multitune.train.surgery import per_task_grads
+from multitune.training.surgery import per_task_grads
 
 U = torch.tensor([1.0, -2.0, 0.5])
 

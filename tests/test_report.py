@@ -16,8 +16,8 @@ from conftest import task_rte, task_sst2
 from multitune import run as rundir
 from multitune.cli import main
 from multitune.config import validate_config
-from multitune.report.log import RUN_WIDE, read_metrics, series
-from multitune.train.loop import train
+from multitune.reporting.log import RUN_WIDE, read_metrics, series
+from multitune.training.loop import train
 
 
 def _images(page: str) -> dict[str, bytes]:
@@ -153,7 +153,7 @@ def test_report_of_a_dir_that_is_no_run(tmp_path, capsys):
 
 
 def test_delta_is_green_where_the_metric_got_better(tiny_model_dir):
-    from multitune.report.page import _results
+    from multitune.reporting.page import _results
 
     text_task = {"name": "pub", "kind": "text", "data": {"dev": "x"}}
     cfg = validate_config({"model": str(tiny_model_dir), "tasks": [text_task, task_sst2()], "method": {"rank": 4}})

@@ -174,7 +174,7 @@ def test_damaged_checkpoints_fall_back_with_a_warning(scratch, capsys):
     args = ("train", "run.yaml", "train.max_steps=6", "train.save_every=2")
     assert run_cli(capsys, *args, "--resume")[0] == 2  # no run yet
     from multitune.config import load_config
-    from multitune.train.loop import train
+    from multitune.training.loop import train
 
     cfg = load_config(scratch / "run.yaml", ["train.max_steps=6", "train.save_every=2"])
     train(cfg, stop_after=5)  # checkpoints 4 and 5

@@ -8,7 +8,7 @@ from conftest import task_sst2
 from multitune import run as rundir
 from multitune.cli import main
 from multitune.config import validate_config
-from multitune.train.loop import train
+from multitune.training.loop import train
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ from multitune.errors import MultituneError
 from multitune.methods import apply_method, count_parameters
 from multitune.models.base import load_base_model, load_tokenizer
 from multitune.models.forward import per_row_mean_nll, target_logprobs
-from multitune.train.checkpoint import list_checkpoints
-from multitune.train.loop import train
+from multitune.training.checkpoint import list_checkpoints
+from multitune.training.loop import train
 
 
 def _losses(run_dir) -> list[tuple[int, str, float]]:
@@ -217,7 +217,7 @@ def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
 def test_pack_length_defaults_to_one_long_sequence_only_where_attention_skips_other_rows(tiny_model_dir, run_config):
     from transformers import AutoModelForCausalLM
 
-    from multitune.train.loop import _pack_length
+    from multitune.training.loop import _pack_length
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     cfg = validate_config(run_config(train={"max_length": 512}))

@@ -13,8 +13,8 @@ from pathlib import Path
 from multitune import run as rundir
 from multitune.config import RunConfig
 from multitune.errors import MultituneError
-from multitune.report.log import RUN_WIDE, read_metrics, series
-from multitune.report.plots import line_chart
+from multitune.reporting.log import RUN_WIDE, read_metrics, series
+from multitune.reporting.plots import line_chart
 from multitune.tasks.spec import higher_is_better, primary_metric
 
 REPORT = "report.html"

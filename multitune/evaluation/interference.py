@@ -2,7 +2,7 @@
 
 Three views, from cheap to expensive:
 
-* gradient geometry on a matrix ``G`` (K, P) of per-task gradients (`multitune.train.surgery.
+* gradient geometry on a matrix ``G`` (K, P) of per-task gradients (`multitune.training.surgery.
   per_task_grads`): pairwise cosines, the share of conflicting pairs, and magnitude similarity
   (Yu et al. 2020);
 * lookahead affinity (TAG, Fifty et al. 2021): how much one task's SGD step lowers another task's

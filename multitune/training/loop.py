@@ -28,32 +28,32 @@ from multitune.data.mixing import TaskMixture
 from multitune.domain.regularize import L2SP
 from multitune.domain.term import DomainTerm
 from multitune.errors import MultituneError
-from multitune.evaluate.interference import (
+from multitune.evaluation.interference import (
     PairAverage,
     cosine_matrix,
     gradient_report,
     lookahead_affinity,
     plot_matrix,
 )
-from multitune.evaluate.retention import retention_change, retention_examples, retention_perplexity
-from multitune.evaluate.runner import evaluate, lookup
+from multitune.evaluation.retention import retention_change, retention_examples, retention_perplexity
+from multitune.evaluation.runner import evaluate, lookup
 from multitune.lock import RunLock
 from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context
 from multitune.models.attention import skips_other_rows
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
-from multitune.runtime import compile_layers, eager_layers, use_cores
+from multitune.runtime import compile_layers, eager_layers, threads
 from multitune.tasks.spec import higher_is_better
-from multitune.train.checkpoint import (
+from multitune.training.checkpoint import (
     load_checkpoint,
     load_latest,
     load_trainable,
     save_checkpoint,
     save_weights_atomic,
 )
-from multitune.train.objectives import make_balancer
-from multitune.train.stop import StopSignals, check_finite_loss, check_finite_weights
-from multitune.train.surgery import SURGERY, add_grad, cagrad, pcgrad, per_task_grads, surgery_direction
+from multitune.training.objectives import make_balancer
+from multitune.training.stop import StopSignals, check_finite_loss, check_finite_weights
+from multitune.training.surgery import SURGERY, add_grad, cagrad, pcgrad, per_task_grads, surgery_direction
 
 
 def train(
@@ -72,7 +72,8 @@ def train(
     """
     lock = RunLock(cfg.output)
     try:
-        return _train(cfg, overwrite, resume, stop_after, final_eval, lock)
+        with threads(cfg.train.threads):
+            return _train(cfg, overwrite, resume, stop_after, final_eval, lock)
     finally:
         lock.release()
 
@@ -85,7 +86,6 @@ def _train(
             f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU "
             "(on CPU bf16/fp16 are emulated, ~300x slower)"
         )
-    use_cores(cfg.train.threads)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -605,11 +605,13 @@ def _truncate_log(path: Path, step: int, say) -> None:
             lines.pop()
     keep = []
     for line in lines:
+        if not line.strip():
+            continue
         try:
-            row_step = json.loads(line).get("step", 0) if line.strip() else None
+            row_step = json.loads(line).get("step")
         except (json.JSONDecodeError, AttributeError):
-            row_step = 0  # not ours to judge: kept as it is
-        if row_step is not None and row_step <= step:
+            row_step = None
+        if not isinstance(row_step, int | float) or row_step <= step:  # a line that is not ours: kept as it is
             keep.append(line)
     rundir.write_atomic(path, "".join(line + "\n" for line in keep))
 
