@@ -3,7 +3,7 @@ LoRA per task, with the whole dev split of every task.
 
     python bench/quality.py --data DIR --runs STUDY train lora-r16            # singles + multi-task, seed 0
     python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
-    python bench/quality.py --runs STUDY collect                             # small outputs -> docs/results/
+    python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py table                                            # docs/results -> markdown tables
 
 `train` runs `multitune compare` on bench/quality/study.yaml with the variant's overrides, the
@@ -65,9 +65,14 @@ def collect(args) -> None:
             continue
         dst = RESULTS / results.parent.relative_to(runs)
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "results.md", "config.yaml"):
-            if (results.parent / name).is_file():
-                shutil.copyfile(results.parent / name, dst / name)
+        for name in ("results.json", "results.md"):
+            shutil.copyfile(results.parent / name, dst / name)
+        # the config with this machine's folders named by role: DATA (--data) and STUDY (--runs)
+        text = (results.parent / "config.yaml").read_text(encoding="utf-8")
+        for folder, role in ((args.data, "DATA"), (args.runs, "STUDY")):
+            if folder:
+                text = text.replace(str(Path(folder).resolve()), role)
+        (dst / "config.yaml").write_text(text, encoding="utf-8")
     for compare in sorted(runs.rglob("compare.json")):
         dst = RESULTS / compare.parent.relative_to(runs)
         dst.mkdir(parents=True, exist_ok=True)
