@@ -4,6 +4,7 @@ those). `import multitune` exposes these functions; docs/python-api.md shows the
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +16,7 @@ from multitune.errors import MultituneError
 from multitune.evaluation.runner import evaluate as run_evaluation
 from multitune.evaluation.runner import predict as run_prediction
 from multitune.lock import RunLock
+from multitune.models.base import resolve_model_dir
 from multitune.runtime import threads
 
 
@@ -170,12 +172,21 @@ def predict_parsed(
     return [{**row, **pred} for (_, row), pred in zip(parsed, preds, strict=True)]
 
 
-def export(run_dir: str | Path, task: str | None = None, fmt: str = "peft-lora", out: str | Path | None = None) -> Path:
-    """Write a run's model for serving without multitune.
+def export(
+    run_dir: str | Path,
+    task: str | None = None,
+    fmt: str = "peft-lora",
+    out: str | Path | None = None,
+    max_rank: int | None = None,
+) -> Path:
+    """Write a run's model for serving without multitune; returns the folder.
 
-    peft-lora: an ordinary PEFT LoRA adapter (for task-gated experts: task `task`'s gate folded
-    into B, rank = its common + specific ranks). merged: full safetensors weights with the update
-    merged in (for task-gated experts: task `task`'s).
+    peft-lora: a plain PEFT LoRA adapter as vLLM, SGLang and LoRAX load it (`peft_type: LORA`,
+    `bias: none`, no `modules_to_save`, no DoRA, rsLoRA's scaling folded into lora_alpha; for
+    task-gated experts task `task`'s gate folded into B, rank = its common + specific ranks);
+    `max_rank`: re-factorised to that rank by truncated SVD where larger, the relative error it
+    introduced recorded in the folder's multitune_export.json. merged: full safetensors weights
+    with the update merged in (for task-gated experts: task `task`'s).
     """
     from multitune.config import EXPERT_METHODS
 
@@ -186,6 +197,13 @@ def export(run_dir: str | Path, task: str | None = None, fmt: str = "peft-lora",
         raise MultituneError(f"{method} keeps one update per task: pass --task (one of {', '.join(cfg.task_names)})")
     if task is not None:
         cfg.task(task)  # unknown task: clear error, for every method
+    if fmt == "peft-lora" and getattr(cfg.method, "dora", False):
+        raise MultituneError(
+            "a DoRA update is not a plain LoRA (its magnitude vector rescales every weight column): "
+            "vLLM, SGLang and LoRAX load plain LoRA only; export it with --format merged"
+        )
+    if max_rank is not None and fmt != "peft-lora":
+        raise MultituneError("--max-rank re-factorises a LoRA: it goes with --format peft-lora")
     if method == "adapter" and fmt != "merged":
         raise MultituneError(
             f"an adapter run has no LoRA to export: its PEFT adapter is {Path(run_dir) / rundir.MODEL} "
@@ -195,10 +213,10 @@ def export(run_dir: str | Path, task: str | None = None, fmt: str = "peft-lora",
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
     with RunLock(run_dir):
-        return _export(run_dir, cfg, task, fmt, out)
+        return _export(run_dir, cfg, task, fmt, out, max_rank)
 
 
-def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path) -> Path:
+def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path, max_rank: int | None) -> Path:
     import shutil
 
     from multitune.config import EXPERT_METHODS
@@ -219,15 +237,20 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
         base.save_pretrained(str(tmp / "base"))
         tokenizer.save_pretrained(str(tmp / "base"))
     elif fmt == "peft-lora":
+        base = resolve_model_dir(rundir.base_model_path(cfg), cfg.cache_dir)
         if method in EXPERT_METHODS:
-            from multitune.methods.experts import export_task_lora
+            from multitune.methods.experts.export import export_task_lora_info
 
-            export_task_lora(model, task, tmp)
+            _, info = export_task_lora_info(model, task, tmp, base, max_rank)
         elif method == "lora":
-            model.save_pretrained(str(tmp))
-            rundir.point_adapter_at_base(tmp, cfg)
+            from multitune.methods.lora.export import lora_factors, save_plain_lora
+
+            fan_in_fan_out = bool(model.peft_config["default"].fan_in_fan_out)
+            info = save_plain_lora(lora_factors(model), tmp, base, cfg.method.dropout, fan_in_fan_out, max_rank)
         else:
             raise MultituneError(f"a '{method}' run has no adapter to export: use --format merged")
+        record = {"run": str(run_dir), "task": task, "method": method, "max_rank": max_rank, **info}
+        (tmp / "multitune_export.json").write_text(json.dumps(record, indent=1) + "\n")
     elif fmt == "merged":
         if method in EXPERT_METHODS:
             from multitune.methods.experts import merge_task

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", help="the task whose update to export (task-gated methods)")
     p.add_argument("--format", choices=["peft-lora", "merged"], default="peft-lora")
     p.add_argument("--out", help="target dir (default: RUN/export/<task>-<format>)")
+    p.add_argument("--max-rank", type=int, help="peft-lora: re-factorise a larger update to this rank (truncated SVD)")
 
     p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
     p.add_argument("run", help="run dir")
@@ -123,9 +124,12 @@ def _quiet_libraries() -> None:
 def _train(args) -> int:
     from multitune.api import train
     from multitune.config import load_config
+    from multitune.run import results_table
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg, overwrite=args.overwrite, resume=args.resume)
+    results = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    if "fine_tuned" in results:
+        print(results_table(results, cfg))
     print(f"run saved in {cfg.output}")
     return 0
 
@@ -201,8 +205,12 @@ def _predict(args) -> int:
 def _export(args) -> int:
     from multitune.api import export
 
-    out = export(Path(args.run), args.task, args.format, Path(args.out) if args.out else None)
+    out = export(Path(args.run), args.task, args.format, Path(args.out) if args.out else None, args.max_rank)
     print(f"exported {args.format} to {out}")
+    record = out / "multitune_export.json"
+    if record.is_file():
+        info = json.loads(record.read_text())
+        print(f"rank {info['rank']}; relative error of the re-factorisation: {info['relative_error']:.4g}")
     return 0
 
 

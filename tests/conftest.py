@@ -208,3 +208,42 @@ def write_yaml(path: Path, raw: dict) -> Path:
 
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+_PLAIN_PEFT = """
+import json, sys, torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+out = {}
+for item in json.load(open(sys.argv[1])):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(item["base"]), item["adapter"]).eval()
+    with torch.no_grad():
+        out[item["key"]] = model(input_ids=torch.tensor(item["ids"])).logits.contiguous()
+assert not [m for m in sys.modules if m.split(".")[0] == "multitune"], "multitune was imported"
+save_file(out, sys.argv[2])
+"""
+
+
+def plain_peft_logits(jobs: list[dict], tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Logits of each exported adapter loaded by vanilla PEFT in a fresh process that never
+    imports multitune: jobs are {"key", "base", "adapter", "ids"}."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    spec = tmp_path / "plain-peft.json"
+    spec.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAIN_PEFT, str(spec), str(tmp_path / "plain-peft.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(tmp_path / "plain-peft.safetensors"))

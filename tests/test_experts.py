@@ -4,13 +4,11 @@ save/load, and serving one task as a plain LoRA or a merged model. Tiny models o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
+from conftest import plain_peft_logits
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from multitune.errors import MultituneError
@@ -371,20 +369,6 @@ def test_save_and_load_round_trip(tiny_model_dir, tmp_path, method, gate):
     assert torch.equal(_logits(loaded, ids, [0, 1, 2, 3]), expected)
 
 
-_PLAIN_PEFT = """
-import json, sys, torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-out = {}
-for item in json.load(open(sys.argv[1])):
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(item["base"]), item["adapter"]).eval()
-    with torch.no_grad():
-        out[item["key"]] = model(input_ids=torch.tensor(item["ids"])).logits
-assert not [m for m in sys.modules if m.split(".")[0] == "multitune"], "multitune was imported"
-torch.save(out, sys.argv[2])
-"""
-
-
 def test_exported_lora_loads_in_plain_peft_and_merge_matches(tiny_model_dirs, tmp_path):
     jobs, expected = [], {}
     cases = (("llama", "cgc_lora", "rte"), ("llama", "moe_lora", "squad"), ("gpt2", "cgc_lora", "sst2"))
@@ -408,19 +392,7 @@ def test_exported_lora_loads_in_plain_peft_and_merge_matches(tiny_model_dirs, tm
             assert (merged(input_ids=ids).logits - gated).abs().max() <= 1e-4
         assert torch.equal(_logits(model, ids, [task_id(model, task)] * 2), gated)  # the experts model is intact
 
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PLAIN_PEFT, str(spec), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    plain = torch.load(tmp_path / "out.pt")
+    plain = plain_peft_logits(jobs, tmp_path)
     for key, logits in expected.items():
         assert (plain[key] - logits).abs().max() <= 1e-4, key
 

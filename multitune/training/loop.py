@@ -408,9 +408,7 @@ def _train(
         "balance": cfg.train.balance.method,
     }
     if main:
-        table = rundir.write_results(run_dir, results, cfg)
-        if final_eval:
-            say(table)
+        rundir.write_results(run_dir, results, cfg)  # the command prints its table; the library returns it
         if writer:
             writer.close()
     return results

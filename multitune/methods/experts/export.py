@@ -13,9 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -23,8 +20,7 @@ from multitune.errors import MultituneError
 from multitune.methods.experts.config import ExpertsConfig, experts_config, gate_row
 from multitune.methods.experts.layer import ExpertsLinear
 from multitune.methods.experts.model import _StoreScales
-
-_LORA_PREFIX = "base_model.model."  # how PEFT names the modules of the wrapped model in a saved adapter
+from multitune.methods.lora.export import PREFIX as _LORA_PREFIX
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -64,29 +60,30 @@ def task_lora_state(peft_model: nn.Module, task: str) -> tuple[dict[str, torch.T
 def export_task_lora(peft_model: nn.Module, task: str, out_dir: str | Path) -> Path:
     """Write `task`'s update as an ordinary PEFT LoRA adapter (adapter_config.json +
     adapter_model.safetensors) that `PeftModel.from_pretrained` loads without multitune."""
+    return export_task_lora_info(peft_model, task, out_dir)[0]
+
+
+def export_task_lora_info(
+    peft_model: nn.Module, task: str, out_dir: str | Path, base_model: str | None = None, max_rank: int | None = None
+) -> tuple[Path, dict]:
+    """`export_task_lora`, also returning {"rank", "relative_error"} (`max_rank`: see
+    multitune.methods.lora.export.save_plain_lora); `base_model` names the base in the adapter."""
+    from multitune.methods.lora.export import save_plain_lora
+
     adapter, cfg = _adapter(peft_model)
-    state, rank = task_lora_state(peft_model, task)
+    row = gate_row(cfg, task)
     layers = _layers(_inner_model(peft_model), adapter)
-    targets = cfg.target_modules
-    lora = LoraConfig(
-        task_type=cfg.task_type,
-        r=rank,
-        # plain LoRA scales by lora_alpha / r: this makes it equal to our alpha / rank budget
-        lora_alpha=cfg.alpha * rank / cfg.rank,
-        lora_dropout=cfg.dropout,
-        target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-        exclude_modules=cfg.exclude_modules,
-        fan_in_fan_out=any(layer.is_conv1d for _, layer in layers),  # GPT-2's Conv1D stores W as (in, out)
-        base_model_name_or_path=cfg.base_model_name_or_path,
-        revision=cfg.revision,
-        bias="none",
-    )
+    factors = {name: (*layer.task_factors(adapter, row), layer.scaling[adapter]) for name, layer in layers}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lora.save_pretrained(str(out))
-    save_file({k: v.detach().cpu() for k, v in state.items()}, str(out / SAFETENSORS_WEIGHTS_NAME), {"format": "pt"})
-    assert (out / CONFIG_NAME).is_file()
-    return out
+    info = save_plain_lora(
+        factors,
+        out,
+        base_model or cfg.base_model_name_or_path,
+        dropout=cfg.dropout,
+        fan_in_fan_out=any(layer.is_conv1d for _, layer in layers),  # GPT-2's Conv1D stores W as (in, out)
+        max_rank=max_rank,
+    )
+    return out, info
 
 
 def merge_task(peft_model: nn.Module, task: str) -> PreTrainedModel:

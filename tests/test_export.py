@@ -1,0 +1,121 @@
+"""`multitune export --format peft-lora`: adapters that multi-LoRA servers (vLLM, SGLang, LoRAX)
+accept, checked against their rules and reloaded by vanilla PEFT in a process without multitune;
+`--max-rank` re-factorisation by truncated SVD."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import plain_peft_logits, write_yaml
+from safetensors.torch import load_file
+
+from multitune import run as rundir
+from multitune.cli import main
+from multitune.methods.lora.export import lora_factors, truncate
+from multitune.methods.task_context import task_context
+
+
+def check_server_rules(adapter, base_dir) -> dict:
+    """What vLLM / SGLang / LoRAX require of a LoRA adapter; returns its config."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["bias"] == "none"
+    assert not config.get("modules_to_save") and not config.get("use_dora") and not config.get("use_rslora")
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    base_names = {name.rsplit(".", 1)[-1] for name, _ in _base_modules(base_dir)}
+    assert set(config["target_modules"]) <= base_names
+    for key, value in weights.items():
+        assert key.startswith("base_model.model.") and key.endswith((".lora_A.weight", ".lora_B.weight")), key
+        assert value.shape[0 if key.endswith("lora_A.weight") else 1] == config["r"], key
+    return config
+
+
+def _base_modules(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return list(AutoModelForCausalLM.from_pretrained(str(base_dir)).named_modules())
+
+
+def _logits(run_dir, ids, task=None):
+    cfg = rundir.load_run_config(run_dir)
+    model, _ = rundir.load_trained_model(run_dir, cfg)
+    tid = torch.tensor([cfg.task_names.index(task)] * len(ids)) if task else torch.zeros(len(ids), dtype=torch.long)
+    with torch.no_grad(), task_context(tid):
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(
+    ("method", "task"),
+    [
+        ({"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.1}, None),
+        ({"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "rslora": True}, None),
+        ({"name": "cgc_lora", "rank": 6, "alpha": 12, "common_experts": 1, "task_experts": 1}, "rte"),
+    ],
+)
+def test_peft_lora_export_is_what_servers_load(run_config, tiny_model_dir, tmp_path, method, task):
+    raw = run_config(method=method, train={"max_steps": 3, "lr": 1e-2})
+    cfg = write_yaml(tmp_path / "run.yaml", raw)
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    argv = ["export", str(run)] + (["--task", task] if task else [])
+    assert main(argv) == 0
+    adapter = run / "export" / f"{task or 'lora'}-peft-lora"
+    config = check_server_rules(adapter, tiny_model_dir)
+    record = json.loads((adapter / "multitune_export.json").read_text())
+    assert record["relative_error"] == 0.0 and record["rank"] == config["r"]
+    ids = torch.randint(0, 600, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = _logits(run, ids, task)
+    plain = plain_peft_logits([{"key": "x", "base": str(tiny_model_dir), "adapter": str(adapter), "ids": ids.tolist()}],
+                              tmp_path)["x"]  # fmt: skip
+    assert (plain - expected).abs().max() <= 1e-4
+
+
+def test_truncation_is_the_best_low_rank_approximation():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 20, generator=gen), torch.randn(12, 6, generator=gen)
+    delta = 0.5 * b @ a
+    a2, b2, err = truncate(a, b, 0.5, 3)
+    assert a2.shape == (3, 20) and b2.shape == (12, 3)
+    u, s, vh = torch.linalg.svd(delta.double())
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    assert torch.allclose((b2 @ a2).double(), best, atol=1e-5)
+    assert err == pytest.approx(float((s[3:] ** 2).sum()), rel=1e-6)
+
+
+def test_max_rank_reports_the_error_it_introduced(run_config, tiny_model_dir, tmp_path, capsys):
+    raw = run_config(
+        method={"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0}, train={"max_steps": 3, "lr": 1e-2}
+    )
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", raw))]) == 0
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["export", str(run), "--max-rank", "2", "--out", str(tmp_path / "r2")]) == 0
+    out = capsys.readouterr().out
+    config = check_server_rules(tmp_path / "r2", tiny_model_dir)
+    assert config["r"] == 2 and config["lora_alpha"] == 2.0
+    # the error, recomputed from the run's own factors with a full SVD of every layer's update
+    cfg = rundir.load_run_config(run)
+    model, _ = rundir.load_trained_model(run, cfg)
+    dropped = total = 0.0
+    for a, b, scaling in lora_factors(model).values():
+        s = torch.linalg.svdvals((scaling * b @ a).double())
+        dropped += float((s[2:] ** 2).sum())
+        total += float((s**2).sum())
+    expected = (dropped / total) ** 0.5
+    record = json.loads((tmp_path / "r2" / "multitune_export.json").read_text())
+    assert record["relative_error"] == pytest.approx(expected, rel=1e-4) and 0 < expected < 1
+    assert f"rank 2; relative error of the re-factorisation: {expected:.4g}" in out
+    assert main(["export", str(run), "--max-rank", "16", "--out", str(tmp_path / "r16")]) == 0  # no larger: as is
+    assert json.loads((tmp_path / "r16" / "multitune_export.json").read_text())["relative_error"] == 0.0
+
+
+def test_dora_and_misplaced_options_are_refused(run_config, tmp_path, capsys):
+    raw = run_config(method={"name": "lora", "rank": 4, "dora": True}, train={"max_steps": 1})
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", raw))]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run")]) == 2
+    assert "a DoRA update is not a plain LoRA" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--format", "merged", "--max-rank", "2"]) == 2
+    assert "--max-rank re-factorises a LoRA: it goes with --format peft-lora" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--format", "merged"]) == 0
