@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from multitune.errors import MultituneError
+from multitune.textfile import read_text
 
 TASK_KINDS = ("classification", "generation", "extractive_qa", "text")
 BIG = 1 << 16  # upper bound of sizes and counts: past it a value is a typo that would hang or exhaust memory
@@ -373,14 +374,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise MultituneError(f"config file not found: {path}")
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise MultituneError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
-    try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

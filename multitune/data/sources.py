@@ -18,6 +18,7 @@ from pathlib import Path
 from multitune.config import TaskConfig
 from multitune.errors import MultituneError
 from multitune.tasks.templates import render, template_fields
+from multitune.textfile import read_text
 
 SPLITS = ("train", "dev", "test")
 
@@ -63,12 +64,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     """Rows keyed by the header line's column names, with the line each row starts on."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise MultituneError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    text = read_text(path, "utf-8-sig")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
