@@ -93,6 +93,8 @@ def compare_run(
         raise MultituneError(f"compare needs a train split for every task; missing for {', '.join(missing)}")
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise MultituneError(f"--seeds repeats a seed: {seeds}")
+    if seeds is not None and not all(0 <= s < 2**32 for s in seeds):
+        raise MultituneError(f"--seeds must be integers from 0 to 2**32 - 1: {seeds}")
     share = mixture_probabilities(sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights)
     single_runs: dict[str, list[dict]] = {t: [] for t in cfg.task_names}
     multi_runs: list[dict] = []
