@@ -3,6 +3,7 @@ LoRA per task, with the whole dev split of every task.
 
     python bench/quality.py --data DIR --runs STUDY train lora-r16            # singles + multi-task, seed 0
     python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
+    python bench/quality.py --data DIR --runs STUDY zero-shot                # the base model, whole dev splits
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py table                                            # docs/results -> markdown tables
 
@@ -57,11 +58,27 @@ def train_variant(args) -> None:
     print(done["text"])
 
 
+def zero_shot(args) -> None:
+    """The base model on the whole dev splits, in STUDY/zero-shot/results.json."""
+    import multitune
+    from multitune.config import dump_config, load_config
+
+    overrides = data_overrides(args.data) + ([f"train.threads={args.threads}"] if args.threads else [])
+    done = multitune.evaluate(STUDY, overrides, base=True)
+    out = Path(args.runs) / "zero-shot"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"zero_shot": done["results"]}, indent=1) + "\n")
+    (out / "results.md").write_text(done["table"] + "\n")
+    (out / "config.yaml").write_text(dump_config(load_config(STUDY, overrides)))
+    print(done["table"])
+
+
 def collect(args) -> None:
     """Copy the small outputs of every finished run under --runs into docs/results/."""
     runs = Path(args.runs)
     for results in sorted(runs.rglob("results.json")):
-        if "fine_tuned" not in json.loads(results.read_text()):
+        done = json.loads(results.read_text())
+        if "fine_tuned" not in done and not (results.parent.name == "zero-shot" and "zero_shot" in done):
             continue
         dst = RESULTS / results.parent.relative_to(runs)
         dst.mkdir(parents=True, exist_ok=True)
@@ -85,6 +102,11 @@ def table(args) -> None:
     """One row per collected variant: dev accuracy per task, mean, Δm against one LoRA per task."""
     print("| variant | seeds | " + " | ".join(TASKS) + " | mean | Δm vs single-task (95% interval) | train s |")
     print("|---|---|" + "---|" * len(TASKS) + "---|---|---|")
+    zero = RESULTS / "zero-shot" / "results.json"
+    if zero.is_file():
+        z = json.loads(zero.read_text())["zero_shot"]["tasks"]
+        cells = " | ".join(f"{z[t]['accuracy']:.1f}" for t in TASKS)
+        print(f"| zero-shot | - | {cells} | {sum(z[t]['accuracy'] for t in TASKS) / len(TASKS):.1f} | | |")
     singles = {}
     for t in TASKS:
         path = RESULTS / SINGLES / t / "results.json"
@@ -120,6 +142,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--set", nargs="*", default=[], help="more overrides (e.g. train.lr=1e-3)")
     p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
+    sub.add_parser("zero-shot")
     sub.add_parser("collect")
     sub.add_parser("table")
     args = parser.parse_args()
@@ -127,6 +150,10 @@ def main() -> None:
         if not (args.data and args.runs):
             sys.exit("train needs --data and --runs")
         train_variant(args)
+    elif args.command == "zero-shot":
+        if not (args.data and args.runs):
+            sys.exit("zero-shot needs --data and --runs")
+        zero_shot(args)
     elif args.command == "collect":
         if not args.runs:
             sys.exit("collect needs --runs")
