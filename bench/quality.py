@@ -5,13 +5,16 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
     python bench/quality.py --data DIR --runs STUDY zero-shot                # the base model, whole dev splits
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
+    python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
     python bench/quality.py table                                            # docs/results -> markdown tables
 
 `train` runs `multitune compare` on bench/quality/study.yaml with the variant's overrides, the
 single-task baselines shared by every variant in STUDY/single-r16, and --resume: a stopped study
 continues where it stopped (each run checkpoints every 25 steps). `collect` copies each finished
 run's config.yaml and results.json, and each variant's compare.json / compare.md, into
-docs/results/, so nothing has to be trained twice; `table` rebuilds the tables from there.
+docs/results/, so nothing has to be trained twice; `restore` puts the collected single-task
+results back under a new STUDY folder (compare reuses a run whose results.json is finished, so the
+baselines are not trained again on another machine); `table` rebuilds the tables from there.
 """
 
 from __future__ import annotations
@@ -98,6 +101,24 @@ def collect(args) -> None:
     print(f"copied into {RESULTS}")
 
 
+def restore(args) -> None:
+    """Copy the collected single-task runs (results and config) back into STUDY/single-r16, with
+    DATA and STUDY replaced by this machine's folders, so `train` reuses them."""
+    src = RESULTS / SINGLES
+    for results in sorted(src.rglob("results.json")):
+        dst = Path(args.runs) / SINGLES / results.parent.relative_to(src)
+        if (dst / "results.json").exists():
+            print(f"kept {dst} (already there)")
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "results.md"):
+            shutil.copyfile(results.parent / name, dst / name)
+        text = (results.parent / "config.yaml").read_text(encoding="utf-8")
+        text = text.replace("DATA/", f"{Path(args.data).resolve()}/").replace("STUDY/", f"{Path(args.runs).resolve()}/")
+        (dst / "config.yaml").write_text(text, encoding="utf-8")
+        print(f"restored {dst}")
+
+
 def table(args) -> None:
     """One row per collected variant: dev accuracy per task, mean, Δm against one LoRA per task."""
     print("| variant | seeds | " + " | ".join(TASKS) + " | mean | Δm vs single-task (95% interval) | train s |")
@@ -144,6 +165,7 @@ def main() -> None:
     p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
     sub.add_parser("zero-shot")
     sub.add_parser("collect")
+    sub.add_parser("restore")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "train":
@@ -158,6 +180,10 @@ def main() -> None:
         if not args.runs:
             sys.exit("collect needs --runs")
         collect(args)
+    elif args.command == "restore":
+        if not (args.data and args.runs):
+            sys.exit("restore needs --data and --runs")
+        restore(args)
     else:
         table(args)
 
