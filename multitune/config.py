@@ -242,6 +242,9 @@ class RetentionConfig(Strict):
         return self
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab"]
+
+
 class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0, le=10_000)
     max_steps: int | None = Field(None, ge=1, le=10**9)
@@ -263,6 +266,10 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward: less memory")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes)")
     threads: int | None = Field(None, ge=1, le=4096)
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (Accelerate's): tensorboard, mlflow, wandb, comet_ml, aim, ...; [] for none",
+    )
     packing: bool = Field(True, description="rows end to end in sequences of <= pack_length: little padding compute")
     pack_length: int | None = Field(
         None, ge=8, le=1 << 20, description="tokens per packed sequence (default: 2048 on a CPU, max_length elsewhere)"
@@ -484,6 +491,8 @@ def describe_validation_error(e: ValidationError, raw: dict[str, Any]) -> str:
             msgs.append(f"missing key '{loc}'")
         else:
             text = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "literal_error":  # name what was given beside what is allowed
+                text += f"; got {err['input']!r}"
             msgs.append(f"{loc}: {text}" if loc else text)
     return "; ".join(msgs)
 

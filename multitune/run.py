@@ -5,7 +5,7 @@ runs/x/model/           PEFT adapter (lora) or full weights (full, freeze) + tok
 runs/x/metrics.jsonl    every logged figure, per task, one JSON object per line
 runs/x/results.json     zero-shot and fine-tuned metrics per task; results.md the table
 runs/x/checkpoints/     atomic checkpoints for --resume
-runs/x/tb/              TensorBoard events
+runs/x/tb/              TensorBoard events (train.report_to; mlflow.db for MLflow, trackers.json)
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ RUN_ENTRIES = {
     EVALS,
     CHECKPOINTS,
     "tb",
+    "mlflow.db",
+    "trackers.json",
+    "wandb",
+    ".aim",
+    "dvclive",
     "best.safetensors",
     "report.html",
     "interference.png",
@@ -183,6 +188,7 @@ SAFE_ON_RESUME = (
     "train.save_every",
     "train.keep_checkpoints",
     "train.threads",
+    "train.report_to",
     "train.early_stopping",
     "eval.",
     "output",

@@ -11,13 +11,12 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -54,6 +53,7 @@ from multitune.training.checkpoint import (
 from multitune.training.objectives import make_balancer
 from multitune.training.stop import StopSignals, check_finite_loss, check_finite_weights
 from multitune.training.surgery import SURGERY, add_grad, cagrad, pcgrad, per_task_grads, surgery_direction
+from multitune.training.tracking import Trackers, check_installed
 
 
 def train(
@@ -72,15 +72,22 @@ def train(
     """
     lock = RunLock(cfg.output)
     try:
-        with threads(cfg.train.threads):
-            return _train(cfg, overwrite, resume, stop_after, final_eval, lock)
+        with threads(cfg.train.threads), ExitStack() as cleanup:
+            return _train(cfg, overwrite, resume, stop_after, final_eval, lock, cleanup)
     finally:
         lock.release()
 
 
 def _train(
-    cfg: RunConfig, overwrite: bool, resume: bool, stop_after: int | None, final_eval: bool, lock: RunLock
+    cfg: RunConfig,
+    overwrite: bool,
+    resume: bool,
+    stop_after: int | None,
+    final_eval: bool,
+    lock: RunLock,
+    cleanup: ExitStack,
 ) -> dict:
+    check_installed(cfg.train.report_to)
     if cfg.train.mixed_precision != "no" and not torch.cuda.is_available():
         raise MultituneError(
             f"train.mixed_precision={cfg.train.mixed_precision} needs a GPU "
@@ -241,7 +248,9 @@ def _train(
         f"[train] {steps} steps x {rows_per_step} rows; mixture "
         + ", ".join(f"{t} {p:.2f}" for t, p in mixture.probabilities.items())
     )
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1) if main else None
+    tracking = cleanup.enter_context(Trackers(cfg.train.report_to, run_dir, step, resume, main))
+    if step == 0:
+        tracking.store_config(cfg.model_dump(mode="json"))
     log = open(run_dir / rundir.METRICS, "a") if main else None
     bar = tqdm(total=steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     stop = False
@@ -261,7 +270,7 @@ def _train(
                 if affinity is not None and micro == 0 and step % cfg.train.affinity_every == 0:
                     z = _measure_affinity(model, drawn, cfg, batch_of, params, affinity)
                     per_pair = {f"{i}>{j}": {"affinity": z[i][j]} for i in z for j in z}
-                    _log(log, writer, {"step": step + 1, "split": "affinity"}, per_pair)
+                    _log(log, tracking, {"step": step + 1, "split": "affinity"}, per_pair)
                 # the task context stays open through the backward: checkpointed layers recompute there
                 with accelerator.no_sync(model) if not sync else nullcontext(), task_context(batch.task_ids):
                     if domain is not None:
@@ -277,7 +286,7 @@ def _train(
                     if measure:
                         summary, per_pair = gradient_report(grads, [task_names[k] for k in seen])
                         interference.add(seen, cosine_matrix(grads))
-                        _log(log, writer, {"step": step + 1, "split": "interference", **summary}, per_pair)
+                        _log(log, tracking, {"step": step + 1, "split": "interference", **summary}, per_pair)
                     if surgery is not None:
                         direction = surgery_direction(surgery, grads, step)
                         add_grad(params, direction, 1 / (len(task_names) * cfg.train.grad_accum))
@@ -324,7 +333,7 @@ def _train(
                         figures.setdefault(t, {})["weight"] = w
                 if domain is not None:
                     record.update(domain.flush())
-                _log(log, writer, record, figures)
+                _log(log, tracking, record, figures)
 
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == steps):
                 with eager_layers(model):
@@ -335,7 +344,7 @@ def _train(
                         record["retention_perplexity"] = retention_perplexity(
                             model, encoder, general, cfg.eval.batch_size
                         )
-                _log(log, writer, record, per_task)
+                _log(log, tracking, record, per_task)
                 stop = _early_stopping(cfg, result, step, state, accelerator.unwrap_model(model), run_dir, say)
 
             periodic = cfg.train.save_every is not None and step % cfg.train.save_every == 0
@@ -407,10 +416,11 @@ def _train(
         "padding_fraction": round(1 - state["tokens"] / max(state["cells"], 1), 4),
         "balance": cfg.train.balance.method,
     }
+    if "fine_tuned" in results:
+        done = results["fine_tuned"]
+        tracking.log({"final/mean": done["mean"], **_series("final", done["tasks"])}, step)
     if main:
         rundir.write_results(run_dir, results, cfg)  # the command prints its table; the library returns it
-        if writer:
-            writer.close()
     return results
 
 
@@ -567,20 +577,21 @@ def _early_stopping(cfg: RunConfig, result: dict, step: int, state: dict, model,
     return False
 
 
-def _log(log, writer, record: dict, per_task: dict[str, dict]) -> None:
+def _log(log, tracking: Trackers, record: dict, per_task: dict[str, dict]) -> None:
+    """One record (and its per-task figures) to metrics.jsonl and to every tracker: `split/key`
+    and `split/task/key`, so each task keeps its own series."""
     if log is None:
         return
     step, split = record["step"], record["split"]
     log.write(json.dumps(record) + "\n")
     for task, figures in per_task.items():
         log.write(json.dumps({"step": step, "split": split, "task": task, **figures}) + "\n")
-    for key, value in record.items():
-        if key not in ("step", "split") and isinstance(value, int | float):
-            writer.add_scalar(f"{split}/{key}", value, step)
-    for task, figures in per_task.items():
-        for key, value in figures.items():
-            if isinstance(value, int | float):
-                writer.add_scalar(f"{split}/{task}/{key}", value, step)
+    values = {f"{split}/{key}": value for key, value in record.items() if key not in ("step", "split")}
+    tracking.log({**values, **_series(split, per_task)}, step)
+
+
+def _series(split: str, per_task: dict[str, dict]) -> dict:
+    return {f"{split}/{task}/{key}": value for task, figures in per_task.items() for key, value in figures.items()}
 
 
 def _flush(log) -> None:
