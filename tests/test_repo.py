@@ -45,3 +45,25 @@ def test_shipped_data_is_small_and_documented():
         source = (task / "SOURCE.md").read_text(encoding="utf-8")
         assert "License" in source or "Licence" in source or "licence" in source, task.name
         assert "| train |" in source, task.name
+
+
+def test_every_relative_link_of_the_docs_leads_to_a_file():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert broken == []
+
+
+def test_readme_is_a_front_door():
+    """The README stays short; the details live in docs/ (one page per subject)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, len(lines)
+    assert "make demo" in lines[7] and "make test" in lines[8]
