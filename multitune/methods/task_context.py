@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from multitune._compat import in_backward
+
 _CURRENT: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("multitune_task_context", default=None)
 _OPEN: list[tuple[int, TaskContext]] = []  # (thread, context) of every open context, for autograd worker threads
 _OPEN_LOCK = threading.Lock()
@@ -98,7 +100,7 @@ def current_task_context() -> TaskContext | None:
     ctx = _CURRENT.get()
     if ctx is not None:
         return ctx
-    if torch._C._current_graph_task_id() == -1:
+    if not in_backward():
         return None  # not inside a backward: no fallback, the caller forgot the context
     with _OPEN_LOCK:
         open_now = list(_OPEN)

@@ -33,8 +33,11 @@ import weakref
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from multitune._compat import cpu_flash_attention, sdpa_pieces, tensor_version
+
+sdpa_attention_forward, AttentionMaskInterface, sdpa_mask = sdpa_pieces()
+flash_forward, flash_backward = cpu_flash_attention()
 
 NAME = "multitune_sdpa"
 QUERY_BLOCK = 64  # queries per kernel call; on the bench's batches 64 and 128 measured alike, 48 slower
@@ -76,7 +79,7 @@ def _blocks(mask: torch.Tensor, length: int) -> list[tuple[int, int, int, int]]:
     so the last scan is kept (for that tensor object at that version): one scan per step instead
     of one per layer call, which on one 1,541-token sequence cost 3.8 ms, 3% of a step, x 60."""
     global _last_scan
-    version = None if mask.is_inference() else mask._version  # inference tensors keep no version
+    version = None if mask.is_inference() else tensor_version(mask)  # inference tensors keep no version
     seen = _last_scan
     key = (version, length, QUERY_BLOCK)
     if version is not None and seen is not None and seen[0]() is mask and seen[1] == key:
@@ -116,7 +119,7 @@ def blocked_attention(
     out = query.new_empty(batch, length, heads, dim)
     lse = query.new_empty(batch, heads, length)
     for start, end, first, last in _blocks(mask, length):
-        block_out, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        block_out, block_lse = flash_forward(
             query[:, :, start:end],
             key[:, :, first:last],
             value[:, :, first:last],
@@ -150,7 +153,7 @@ def blocked_attention_backward(
     grad_query = torch.empty_like(query)
     grad_key, grad_value = torch.zeros_like(key), torch.zeros_like(value)
     for start, end, first, last in _blocks(mask, query.shape[2]):
-        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        gq, gk, gv = flash_backward(
             grad_out[:, start:end].transpose(1, 2),
             query[:, :, start:end],
             key[:, :, first:last],

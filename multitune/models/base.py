@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from multitune._compat import drop_quantizer
 from multitune.errors import MultituneError
 from multitune.models.attention import use_grouped_sdpa
 
@@ -90,10 +91,7 @@ def _convert_gguf(gguf: pathlib.Path, out_dir: pathlib.Path) -> None:
     folder, name = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # The weights are dequantized on load; drop the quantizer so save_pretrained accepts it.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_quantizer(model)  # dequantized on load: saved as the plain float model it now is
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 

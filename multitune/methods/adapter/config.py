@@ -27,10 +27,10 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType, TaskType
 
+from multitune._compat import extend_peft_type
 from multitune.errors import MultituneError
-from multitune.methods.experts.config import _extend_peft_type
 
-ADAPTER: PeftType = _extend_peft_type("ADAPTER")
+ADAPTER: PeftType = extend_peft_type("ADAPTER")
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = ("relu", "gelu", "silu")

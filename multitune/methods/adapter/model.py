@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from peft import PeftModel, get_peft_model
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import register_peft_method
 from torch import nn
 
+from multitune._compat import register_peft_method
 from multitune.errors import MultituneError
 from multitune.methods.adapter.config import ADAPTER, MERGE_ERROR, PLACES, AdapterConfig
 from multitune.methods.adapter.layer import BottleneckLayer
@@ -145,14 +144,7 @@ class AdapterModel(BaseTuner):
 
 def _register() -> None:
     """Make the method known to PEFT (idempotent; a reloaded module replaces its old classes)."""
-    if ADAPTER in PEFT_TYPE_TO_TUNER_MAPPING:
-        PEFT_TYPE_TO_CONFIG_MAPPING[ADAPTER] = AdapterConfig
-        PEFT_TYPE_TO_TUNER_MAPPING[ADAPTER] = AdapterModel
-        PEFT_TYPE_TO_PREFIX_MAPPING[ADAPTER] = AdapterModel.prefix
-    else:
-        register_peft_method(
-            name="adapter", config_cls=AdapterConfig, model_cls=AdapterModel, prefix=AdapterModel.prefix
-        )
+    register_peft_method("adapter", ADAPTER, AdapterConfig, AdapterModel)
 
 
 _register()

@@ -28,29 +28,15 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType, TaskType
 
+from multitune._compat import extend_peft_type
 from multitune.errors import MultituneError
 
 DEFAULT_CLUSTER = "default"
 COMMON = "common"
 
 
-def _extend_peft_type(name: str) -> PeftType:
-    """Add `name` to PEFT's `PeftType` enum (it has no public hook for out-of-tree methods, and
-    `register_peft_method` insists on a member). Idempotent."""
-    if name in PeftType.__members__:
-        return PeftType[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-MOE_LORA = _extend_peft_type("MOE_LORA")
-CGC_LORA = _extend_peft_type("CGC_LORA")
+MOE_LORA: PeftType = extend_peft_type("MOE_LORA")
+CGC_LORA: PeftType = extend_peft_type("CGC_LORA")
 
 
 def split_rank(rank: int, n_experts: int, order: list[int] | None = None) -> list[int]:

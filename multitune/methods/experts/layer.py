@@ -26,10 +26,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from multitune._compat import in_out_features, tensor_version
 from multitune.errors import MultituneError
 from multitune.methods.dropout import drop_unscaled
 from multitune.methods.experts.config import ExpertLayout, ExpertsConfig
@@ -100,9 +101,9 @@ class GateRouter:
             )
         ctx.cache[("checked", self)] = True
 
-    def _version(self) -> tuple[int, ...]:
+    def _gate_version(self) -> tuple[int, ...]:
         # optimizer steps modify the parameters in place, which bumps their version: a stale cache is never used
-        return (self.embedding.weight._version, self.proj.weight._version)
+        return (tensor_version(self.embedding.weight), tensor_version(self.proj.weight))
 
     def store_scales(self, ctx: TaskContext) -> None:
         """Compute this batch's scales once for every layer of the forward (shared gate only)."""
@@ -110,11 +111,11 @@ class GateRouter:
         if self.proj is None:
             return
         scales = self.row_scales(ctx.ids_on(self.embedding.weight.device))
-        ctx.cache[self] = (self._version(), scales)
+        ctx.cache[self] = (self._gate_version(), scales)
 
     def cached_scales(self, ctx: TaskContext) -> torch.Tensor | None:
         entry = ctx.cache.get(self)
-        if entry is None or entry[0] != self._version():
+        if entry is None or entry[0] != self._gate_version():
             return None
         return entry[1]
 
@@ -142,7 +143,7 @@ class ExpertsLinear(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.merged_adapters = []
         self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
         if self.in_features is None:
             kind = type(base_layer).__name__
             raise MultituneError(f"task-gated experts support Linear and Conv1D layers, not {kind}")

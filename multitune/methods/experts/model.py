@@ -4,7 +4,7 @@ Registration makes them ordinary PEFT methods: `get_peft_model(model, MoeLoraCon
 `save_pretrained` and `PeftModel.from_pretrained` work once multitune.methods.experts is
 imported. PEFT has no public way to add a member to its `PeftType` enum, which
 `register_peft_method` requires; config.py adds MOE_LORA and CGC_LORA to it (see
-`_extend_peft_type`), then `register_peft_method` fills PEFT's mappings as for a built-in method.
+`multitune._compat.extend_peft_type`), then `register_peft_method` fills PEFT's mappings as for a built-in method.
 
 The gate (task embedding and, with gate="shared", the projection) is shared state kept on the
 tuner, like VeRA's shared matrices: PEFT saves and loads tuner-level parameters with the adapter.
@@ -19,15 +19,11 @@ from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.mapping import (
-    PEFT_TYPE_TO_CONFIG_MAPPING,
-    PEFT_TYPE_TO_PREFIX_MAPPING,
-    PEFT_TYPE_TO_TUNER_MAPPING,
-)
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, register_peft_method
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from multitune._compat import register_peft_method
 from multitune.errors import MultituneError
 from multitune.methods.experts.config import (
     CGC_LORA,
@@ -148,12 +144,7 @@ def _register() -> None:
         ("moe_lora", MOE_LORA, MoeLoraConfig, MoeLoraModel),
         ("cgc_lora", CGC_LORA, CgcLoraConfig, CgcLoraModel),
     ):
-        if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
-            PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-            PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
-        else:
-            register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+        register_peft_method(name, peft_type, config_cls, model_cls)
 
 
 _register()

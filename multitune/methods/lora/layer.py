@@ -19,6 +19,7 @@ from peft.tuners.lora.layer import Linear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from multitune._compat import become
 from multitune.methods.dropout import drop_unscaled
 
 
@@ -62,6 +63,6 @@ def fuse_lora_layers(model: nn.Module) -> int:
     fused = 0
     for module in model.modules():
         if type(module) is Linear:
-            module.__class__ = FusedLoraLinear
+            become(module, FusedLoraLinear)
             fused += 1
     return fused
