@@ -21,7 +21,7 @@ from multitune.domain.invariance import (
     mmd_loss,
     pool_hidden,
 )
-from multitune.domain.regularize import L2SP
+from multitune.training.l2sp import L2SP
 from multitune.errors import MultituneError
 
 # --- gradient reversal

@@ -1,0 +1,120 @@
+"""The run's record of figures: RUN/metrics.jsonl (one JSON object per line, per task; the
+report reads it) and the same figures to every tracker of `train.report_to`
+(training/tracking.py), plus the per-task loss window between two log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from multitune import run as rundir
+from multitune.training.tracking import Trackers
+
+
+class MetricsLog:
+    """metrics.jsonl and the trackers (main process only; elsewhere every call does nothing)."""
+
+    def __init__(self, run_dir: Path, trackers: Trackers, main: bool):
+        self.file = open(run_dir / rundir.METRICS, "a") if main else None  # noqa: SIM115 (closed in close())
+        self.trackers = trackers
+
+    def write(self, record: dict, per_task: dict[str, dict]) -> None:
+        """One record (and its per-task figures) to metrics.jsonl and to every tracker: `split/key`
+        and `split/task/key`, so each task keeps its own series."""
+        if self.file is None:
+            return
+        step, split = record["step"], record["split"]
+        self.file.write(json.dumps(record) + "\n")
+        for task, figures in per_task.items():
+            self.file.write(json.dumps({"step": step, "split": split, "task": task, **figures}) + "\n")
+        values = {f"{split}/{key}": value for key, value in record.items() if key not in ("step", "split")}
+        self.trackers.log({**values, **series(split, per_task)}, step)
+
+    def flush(self) -> None:
+        """To disk before a checkpoint: the log never lags the state a resume starts from."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def series(split: str, per_task: dict[str, dict]) -> dict:
+    return {f"{split}/{task}/{key}": value for task, figures in per_task.items() for key, value in figures.items()}
+
+
+def truncate_log(path: Path, step: int, say) -> None:
+    """Drop lines written after the checkpoint we resume from (they will be written again), and
+    a last line torn by a crash between two writes."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            say(f"[resume] {path}: dropping its torn last line ({len(lines[-1])} characters)")
+            lines.pop()
+    keep = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            row_step = None
+        if not isinstance(row_step, int | float) or row_step <= step:  # a line that is not ours: kept as it is
+            keep.append(line)
+    rundir.write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+class LossWindow:
+    """Per-task running losses between two log lines (and an EMA for the progress bar)."""
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        self.sums = {t: 0.0 for t in tasks}
+        self.counts = {t: 0 for t in tasks}
+        self.tokens = {t: 0 for t in tasks}
+        self.ema: dict[str, float] = {}
+
+    def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
+        """Record one micro-batch; returns its (non-pad tokens, target tokens)."""
+        tids = batch.row_task_ids.tolist()
+        row_tokens = batch.row_tokens().tolist()
+        for tid, loss, n in zip(tids, row_loss.tolist(), row_tokens, strict=True):
+            t = self.tasks[tid]
+            self.sums[t] += loss
+            self.counts[t] += 1
+            self.tokens[t] += n
+            self.ema[t] = loss if t not in self.ema else 0.9 * self.ema[t] + 0.1 * loss
+        return int(sum(row_tokens)), int(rows.numel())
+
+    def state_dict(self) -> dict:
+        """Sums since the last log line: a resumed run's next log line covers the same steps."""
+        return {"sums": self.sums, "counts": self.counts, "tokens": self.tokens, "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.counts, self.tokens, self.ema = state["sums"], state["counts"], state["tokens"], state["ema"]
+
+    def running(self) -> dict[str, float]:
+        return dict(self.ema)
+
+    def flush(self) -> tuple[dict, dict[str, dict]]:
+        """(the whole window's loss and rows, per-task loss / rows / tokens); starts a new window."""
+        per_task = {
+            t: {"loss": self.sums[t] / self.counts[t], "rows": self.counts[t], "tokens": self.tokens[t]}
+            for t in self.tasks
+            if self.counts[t]
+        }
+        n = sum(self.counts.values())
+        overall = {"loss": sum(self.sums.values()) / max(n, 1), "rows": n}
+        for t in self.tasks:
+            self.sums[t], self.counts[t], self.tokens[t] = 0.0, 0, 0
+        return overall, per_task
