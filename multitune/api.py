@@ -16,6 +16,7 @@ from multitune.errors import MultituneError
 from multitune.evaluation.runner import evaluate as run_evaluation
 from multitune.evaluation.runner import predict as run_prediction
 from multitune.lock import RunLock
+from multitune.methods.registry import method
 from multitune.models.base import resolve_model_dir
 from multitune.runtime import threads
 
@@ -85,7 +86,7 @@ def evaluate(
             model, tokenizer = rundir.load_base(cfg)
         else:
             model, tokenizer = rundir.load_trained_model(run_dir, cfg)
-        gate_ids = _gate_ids(model, cfg.task_names, task_fallback)
+        gate_ids = None if base else method(cfg.method.name).task_ids(model, cfg.task_names, task_fallback)
         result = run_evaluation(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, gate_ids=gate_ids)
     key = "zero_shot" if base else "fine_tuned"
     out = {"model": "base" if base else "trained", "split": cfg.eval.split, "results": result, "saved": None}
@@ -95,25 +96,6 @@ def evaluate(
         paired = tasks_from is None
         out["table"], out["saved"] = rundir.write_evaluation(run_dir, key, cfg.eval.split, result, cfg, paired)
     return out
-
-
-def _gate_ids(model, names: list[str], fallback: str | None) -> dict[str, int] | None:
-    """Task name -> id seen by task-dependent layers (None for other models: ids do not matter)."""
-    from multitune.methods.adapter import AdapterConfig
-    from multitune.methods.experts.config import ExpertsConfig
-
-    peft_config = getattr(model, "peft_config", {}).get("default")
-    if isinstance(peft_config, AdapterConfig) and peft_config.per_task != "none":
-        known = list(peft_config.task_names)
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise MultituneError(f"unknown task '{unknown[0]}'; the model knows: {', '.join(known)}")
-        return {n: known.index(n) for n in names}
-    if not isinstance(peft_config, ExpertsConfig):
-        return None
-    from multitune.methods.experts import task_id
-
-    return {name: task_id(model, name, fallback) for name in names}
 
 
 def predict(
@@ -158,7 +140,7 @@ def predict_parsed(
         raise MultituneError(f"{source}: no input rows")
     with threads(cfg.train.threads):
         model, tokenizer = rundir.load_base(cfg) if base else rundir.load_trained_model(run_dir, cfg)
-        gate_ids = _gate_ids(model, [task.name], task_fallback)
+        gate_ids = None if base else method(cfg.method.name).task_ids(model, [task.name], task_fallback)
         encoder = rundir.make_encoder(cfg, tokenizer)
         preds = run_prediction(
             model,
@@ -188,13 +170,11 @@ def export(
     introduced recorded in the folder's multitune_export.json. merged: full safetensors weights
     with the update merged in (for task-gated experts: task `task`'s).
     """
-    from multitune.config import EXPERT_METHODS
-
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
-    method = cfg.method.name
-    if method in EXPERT_METHODS and task is None:
-        raise MultituneError(f"{method} keeps one update per task: pass --task (one of {', '.join(cfg.task_names)})")
+    how = method(cfg.method.name)
+    if how.per_task and task is None:
+        raise MultituneError(f"{how.name} keeps one update per task: pass --task (one of {', '.join(cfg.task_names)})")
     if task is not None:
         cfg.task(task)  # unknown task: clear error, for every method
     if fmt == "peft-lora" and getattr(cfg.method, "dora", False):
@@ -204,12 +184,11 @@ def export(
         )
     if max_rank is not None and fmt != "peft-lora":
         raise MultituneError("--max-rank re-factorises a LoRA: it goes with --format peft-lora")
-    if method == "adapter" and fmt != "merged":
+    if how.saves_adapter and how.export_lora is None and fmt != "merged":
         raise MultituneError(
-            f"an adapter run has no LoRA to export: its PEFT adapter is {Path(run_dir) / rundir.MODEL} "
-            "(load it with multitune imported)"
+            f"{how.no_lora}: its PEFT adapter is {Path(run_dir) / rundir.MODEL} (load it with multitune imported)"
         )
-    out = Path(out) if out is not None else rundir.child(run_dir / "export", f"{task or method}-{fmt}")
+    out = Path(out) if out is not None else rundir.child(run_dir / "export", f"{task or how.name}-{fmt}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
     with RunLock(run_dir):
@@ -219,17 +198,16 @@ def export(
 def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path, max_rank: int | None) -> Path:
     import shutil
 
-    from multitune.config import EXPERT_METHODS
-
-    method = cfg.method.name
+    how = method(cfg.method.name)
     model, tokenizer = rundir.load_trained_model(run_dir, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if method == "adapter":
+    if fmt not in ("peft-lora", "merged"):
+        raise MultituneError(f"unknown export format '{fmt}': use peft-lora or merged")
+    if fmt == "merged" and how.merge is None:  # a non-linear adapter: the base and the adapter side by side
         from multitune.methods.adapter import MERGE_ERROR
 
-        # the closest thing to merged weights: the base model and the adapter side by side
         print(f"note: {MERGE_ERROR}; writing the base model and the adapter instead")
         model.save_pretrained(str(tmp / "adapter"))
         rundir.point_adapter_at_base(tmp / "adapter", cfg)
@@ -237,32 +215,14 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
         base.save_pretrained(str(tmp / "base"))
         tokenizer.save_pretrained(str(tmp / "base"))
     elif fmt == "peft-lora":
+        if how.export_lora is None:
+            raise MultituneError(how.no_lora.format(name=how.name))
         base = resolve_model_dir(rundir.base_model_path(cfg), cfg.cache_dir)
-        if method in EXPERT_METHODS:
-            from multitune.methods.experts.export import export_task_lora_info
-
-            _, info = export_task_lora_info(model, task, tmp, base, max_rank)
-        elif method == "lora":
-            from multitune.methods.lora.export import lora_factors, save_plain_lora
-
-            fan_in_fan_out = bool(model.peft_config["default"].fan_in_fan_out)
-            info = save_plain_lora(lora_factors(model), tmp, base, cfg.method.dropout, fan_in_fan_out, max_rank)
-        else:
-            raise MultituneError(f"a '{method}' run has no adapter to export: use --format merged")
-        record = {"run": str(run_dir), "task": task, "method": method, "max_rank": max_rank, **info}
+        info = how.export_lora(model, cfg, task, tmp, base, max_rank)
+        record = {"run": str(run_dir), "task": task, "method": how.name, "max_rank": max_rank, **info}
         (tmp / "multitune_export.json").write_text(json.dumps(record, indent=1) + "\n")
-    elif fmt == "merged":
-        if method in EXPERT_METHODS:
-            from multitune.methods.experts import merge_task
-
-            merged = merge_task(model, task)
-        elif method == "lora":
-            merged = model.merge_and_unload()
-        else:
-            merged = model
-        merged.save_pretrained(str(tmp))
     else:
-        raise MultituneError(f"unknown export format '{fmt}': use peft-lora or merged")
+        how.merge(model, task).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     if out.exists():  # an empty folder the user made for it
         out.rmdir()
@@ -272,11 +232,11 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
 
 def gates_run(run_dir: Path) -> tuple[str, Path]:
     """The gate weights of each task over the experts: a markdown table and a heatmap PNG."""
-    from multitune.config import EXPERT_METHODS
+    from multitune.methods.registry import GATED
 
     cfg = rundir.load_run_config(run_dir)
-    if cfg.method.name not in EXPERT_METHODS:
-        raise MultituneError(f"a '{cfg.method.name}' run has no gates (only {', '.join(EXPERT_METHODS)} do)")
+    if not method(cfg.method.name).gated:
+        raise MultituneError(f"a '{cfg.method.name}' run has no gates (only {', '.join(GATED)} do)")
     from multitune.methods.experts import expert_names, gate_table, plot_gates
 
     model, _ = rundir.load_trained_model(run_dir, cfg)

@@ -180,8 +180,12 @@ class EarlyStoppingConfig(Strict):
     restore_best: bool = True
 
 
+# The balancing methods, the one list the config's choices come from: loss weightings are the
+# balancers of training/objectives.py, surgery the direction functions of training/surgery.py
+# (tests/test_registry.py checks both tables name exactly these).
 BALANCE_WEIGHTINGS = ("equal", "static", "uncertainty", "dwa", "famo")
 BALANCE_SURGERY = ("pcgrad", "cagrad", "aligned_mtl", "mgda", "imtl_g")
+BalanceMethod = Literal[("rows", *BALANCE_WEIGHTINGS, *BALANCE_SURGERY)]
 
 
 class BalanceConfig(Strict):
@@ -189,9 +193,7 @@ class BalanceConfig(Strict):
     the mixture alone sets each task's share; a loss weighting; or gradient surgery on the per-task
     gradients (coordinates that only one task reaches, such as task-specific experts, are left as is)."""
 
-    method: Literal[
-        "rows", "equal", "static", "uncertainty", "dwa", "famo", "pcgrad", "cagrad", "aligned_mtl", "mgda", "imtl_g"
-    ] = "rows"
+    method: BalanceMethod = "rows"
     weights: dict[str, float] | None = Field(None, description="static: weight per task")
     temperature: float = Field(2.0, gt=0, description="dwa: softmax temperature")
     beta: float = Field(0.9, ge=0, lt=1, description="dwa: smoothing of the step losses")

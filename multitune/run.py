@@ -24,6 +24,7 @@ from multitune.data.sources import SPLITS, Example, load_split
 from multitune.errors import MultituneError
 from multitune.lock import LOCK, RunLock
 from multitune.methods import saves_adapter
+from multitune.methods.registry import METHODS, method
 from multitune.models.base import load_base_model, load_tokenizer, resolve_model_dir
 from multitune.tasks.spec import primary_metric
 from multitune.training.checkpoint import list_checkpoints
@@ -325,14 +326,15 @@ def merged_stage(run_dir: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     stage = load_run_config(run_dir)
-    if stage.method.name not in ("lora", "full", "freeze"):
+    how = method(stage.method.name)
+    if not how.merges or how.per_task:
+        ok = ", ".join(m.name for m in METHODS.values() if m.merges and not m.per_task)
         raise MultituneError(
-            f"{run_dir} was trained with {stage.method.name}; a run used as a base model must be lora, full or freeze "
+            f"{run_dir} was trained with {stage.method.name}; a run used as a base model must be {ok} "
             "(their update merges into the weights)"
         )
     model, tokenizer = load_trained_model(run_dir, stage)
-    if stage.method.name == "lora":
-        model = model.merge_and_unload()
+    model = how.merge(model, None)
     tmp = run_dir / f".merged.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

@@ -21,8 +21,8 @@ from multitune.domain.invariance import (
     mmd_loss,
     pool_hidden,
 )
-from multitune.training.l2sp import L2SP
 from multitune.errors import MultituneError
+from multitune.training.l2sp import L2SP
 
 # --- gradient reversal
 

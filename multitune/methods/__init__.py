@@ -4,54 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from multitune.config import EXPERT_METHODS, AdapterMethod, FreezeMethod, FullMethod, LoraMethod, TaskConfig
+from multitune.config import TaskConfig
 from multitune.methods.dropout import use_word_dropout
-from multitune.methods.targets import resolve_targets
+from multitune.methods.registry import method
 
 
 def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> torch.nn.Module:
     """`tasks` (in run order: task i has id i) matter only to task-gated methods. Dropout layers
     become `WordDropout` (same distribution, a cheaper mask: see methods/dropout.py)."""
-    model = _apply(model, cfg, tasks)
+    model = method(cfg.name).apply(model, cfg, list(tasks))
     use_word_dropout(model)
     return model
-
-
-def _apply(model: torch.nn.Module, cfg, tasks: list[TaskConfig]) -> torch.nn.Module:
-    if isinstance(cfg, LoraMethod):
-        from multitune.methods.lora.model import apply_lora
-
-        return apply_lora(model, cfg)
-    if cfg.name in EXPERT_METHODS or isinstance(cfg, AdapterMethod):
-        names = [t.name for t in tasks]
-        clusters = {t.name: t.cluster for t in tasks if t.cluster is not None} or None
-        options = cfg.model_dump(exclude={"name"})
-        if isinstance(cfg, AdapterMethod):
-            from multitune.methods.adapter import apply_adapter
-
-            return apply_adapter(model, names, clusters, **options)
-        from multitune.methods.experts import apply_experts
-
-        options["targets"] = resolve_targets(model, cfg.targets)
-        return apply_experts(model, cfg.name, names, clusters, **options)
-    from multitune.methods.finetune import apply_freeze, apply_full
-
-    if isinstance(cfg, FullMethod):
-        return apply_full(model)
-    if isinstance(cfg, FreezeMethod):
-        return apply_freeze(model, cfg)
-    raise TypeError(f"unknown method config {type(cfg).__name__}")
 
 
 def task_gated(cfg) -> bool:
     """True when layers read each row's task (task-gated experts, per-task adapters): then a
     packed sequence must hold rows of one task only."""
-    return cfg.name in EXPERT_METHODS or (isinstance(cfg, AdapterMethod) and cfg.per_task != "none")
+    return method(cfg.name).reads_task(cfg)
 
 
 def saves_adapter(method_name: str) -> bool:
     """True when the run saves a PEFT adapter (loaded onto the base) rather than full weights."""
-    return method_name in ("lora", "adapter") or method_name in EXPERT_METHODS
+    return method(method_name).saves_adapter
 
 
 def param_groups(model: torch.nn.Module, cfg, lr: float) -> list[dict]:

@@ -20,7 +20,7 @@ upper triangle and most of the other rows. Same outputs and gradients to float r
 Models with as many key/value heads as query heads (GPT-2) take the same path. Because the
 blocks skip the other rows, a long sequence of packed rows costs no more attention per token
 than short ones: training packs a step's rows into one sequence of up to 2048 tokens on a CPU
-(train/loop.py `_pack_length`).
+(training/loop.py `_pack_length`).
 Forward + backward of the bench's four packed batches: attention alone on random q/k/v, 262 ->
 235 ms per layer (medians of 6, scratch timing); the whole model, 1.05x and 1.10x in two runs
 (`python bench/parts.py --part blocks`).

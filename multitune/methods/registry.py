@@ -1,0 +1,169 @@
+"""One table of fine-tuning methods: what each is, as the rest of multitune asks it.
+
+Every question the loop, the evaluator, `export`, `gates` and model loading ask of a method (does
+it save a PEFT adapter? do its layers read each row's task? how do task names map to the ids its
+layers read? how does it export a plain LoRA or merge?) is answered by its `Method` entry, never
+by a branch on its name elsewhere. Adding a method: a folder under methods/ with its PEFT tuner
+(config, layer, model), a config class in config.py's `MethodConfig`, and one entry here. The
+functions import their package when called, so reading this table loads no model library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from multitune.errors import MultituneError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    apply: Callable[..., nn.Module]  # (model, method config, tasks in run order) -> the model that trains
+    saves_adapter: bool  # the run saves a PEFT adapter on the base (else full weights)
+    merges: bool = False  # the update folds into the weights: `merged` export, a later stage's base
+    per_task: bool = False  # one update per task: export and merge need a task
+    gated: bool = False  # has a gate per task (`multitune gates`)
+    reads_task: Callable[[Any], bool] = lambda cfg: False  # layers read each row's task (packing by task)
+    task_ids: Callable[..., dict[str, int] | None] = lambda model, names, fallback: None
+    export_lora: Callable[..., dict] | None = None  # (model, cfg, task, out, base, max_rank) -> info
+    merge: Callable[..., nn.Module] | None = None  # (model, task) -> plain transformers model
+    no_lora: str = ""  # why `--format peft-lora` cannot export it
+
+
+# --- lora ---------------------------------------------------------------------------------
+
+
+def _apply_lora(model, cfg, tasks):
+    from multitune.methods.lora.model import apply_lora
+
+    return apply_lora(model, cfg)
+
+
+def _export_lora(model, cfg, task, out: Path, base: Path, max_rank):
+    from multitune.methods.lora.export import lora_factors, save_plain_lora
+
+    fan_in_fan_out = bool(model.peft_config["default"].fan_in_fan_out)
+    return save_plain_lora(lora_factors(model), out, base, cfg.method.dropout, fan_in_fan_out, max_rank)
+
+
+# --- task-gated experts ---------------------------------------------------------------------
+
+
+def _apply_experts(model, cfg, tasks):
+    from multitune.methods.experts import apply_experts
+    from multitune.methods.targets import resolve_targets
+
+    names, clusters = _names_and_clusters(tasks)
+    options = cfg.model_dump(exclude={"name"})
+    options["targets"] = resolve_targets(model, cfg.targets)
+    return apply_experts(model, cfg.name, names, clusters, **options)
+
+
+def _experts_task_ids(model, names, fallback):
+    from multitune.methods.experts import task_id
+
+    return {name: task_id(model, name, fallback) for name in names}
+
+
+def _export_experts(model, cfg, task, out: Path, base: Path, max_rank):
+    from multitune.methods.experts.export import export_task_lora_info
+
+    return export_task_lora_info(model, task, out, base, max_rank)[1]
+
+
+def _merge_experts(model, task):
+    from multitune.methods.experts import merge_task
+
+    return merge_task(model, task)
+
+
+# --- bottleneck adapters --------------------------------------------------------------------
+
+
+def _apply_adapter(model, cfg, tasks):
+    from multitune.methods.adapter import apply_adapter
+
+    names, clusters = _names_and_clusters(tasks)
+    return apply_adapter(model, names, clusters, **cfg.model_dump(exclude={"name"}))
+
+
+def _adapter_task_ids(model, names, fallback):
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is None or peft_config.per_task == "none":
+        return None
+    known = list(peft_config.task_names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise MultituneError(f"unknown task '{unknown[0]}'; the model knows: {', '.join(known)}")
+    return {n: known.index(n) for n in names}
+
+
+# --- full and partial fine-tuning -----------------------------------------------------------
+
+
+def _apply_full(model, cfg, tasks):
+    from multitune.methods.finetune import apply_full
+
+    return apply_full(model)
+
+
+def _apply_freeze(model, cfg, tasks):
+    from multitune.methods.finetune import apply_freeze
+
+    return apply_freeze(model, cfg)
+
+
+def _names_and_clusters(tasks) -> tuple[list[str], dict[str, str] | None]:
+    return [t.name for t in tasks], ({t.name: t.cluster for t in tasks if t.cluster is not None} or None)
+
+
+_GATED = {
+    "apply": _apply_experts,
+    "saves_adapter": True,
+    "merges": True,
+    "per_task": True,
+    "gated": True,
+    "reads_task": lambda cfg: True,
+    "task_ids": _experts_task_ids,
+    "export_lora": _export_experts,
+    "merge": _merge_experts,
+}
+_FULL_WEIGHTS = "a '{name}' run has no adapter to export: use --format merged"
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "lora",
+            _apply_lora,
+            saves_adapter=True,
+            merges=True,
+            export_lora=_export_lora,
+            merge=lambda model, task: model.merge_and_unload(),
+        ),
+        Method("moe_lora", **_GATED),
+        Method("cgc_lora", **_GATED),
+        Method(
+            "adapter",
+            _apply_adapter,
+            saves_adapter=True,
+            reads_task=lambda cfg: cfg.per_task != "none",
+            task_ids=_adapter_task_ids,
+            no_lora="an adapter run has no LoRA to export",
+        ),
+        Method("full", _apply_full, saves_adapter=False, merges=True, merge=lambda m, t: m, no_lora=_FULL_WEIGHTS),
+        Method("freeze", _apply_freeze, saves_adapter=False, merges=True, merge=lambda m, t: m, no_lora=_FULL_WEIGHTS),
+    )
+}
+GATED = tuple(name for name, m in METHODS.items() if m.gated)
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MultituneError(f"unknown method '{name}'; known: {', '.join(METHODS)}") from None
