@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from multitune.models.load import load_base
+
 
 def tasks(data_dir: str, n_cls: int, n_gen: int) -> list[dict]:
     def spec(name, kind, prompt, target, n, **extra):
@@ -155,7 +157,7 @@ def main() -> None:
     if args.quick:
         args.rows, args.gen_rows = 24, 8
 
-    from multitune import run as rundir
+    from multitune import rundir
     from multitune.config import validate_config
     from multitune.evaluation.runner import predict, score
     from multitune.runtime import use_cores
@@ -165,7 +167,7 @@ def main() -> None:
     raw = {"model": args.model, "tasks": tasks(args.data, args.rows, args.gen_rows), "eval": {"max_new_tokens": 24}}
     cfg = validate_config(raw)
     rows = rundir.load_examples(cfg, "dev")
-    model, tokenizer = rundir.load_base(cfg)
+    model, tokenizer = load_base(cfg)
     model.eval()
     encoder = rundir.make_encoder(cfg, tokenizer)
     from throughput import matmul_peak_gflops

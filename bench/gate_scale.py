@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.config import load_config
 from multitune.methods.experts import ExpertsLinear
 from multitune.methods.experts.config import gate_row
+from multitune.models.load import load_trained_model
 from multitune.training.loop import train
 
 STUDY = Path(__file__).resolve().parent / "quality" / "study.yaml"
@@ -42,7 +43,7 @@ VARIANTS = {
 def task_update_norms(run_dir: Path) -> dict[str, float]:
     """||delta W_t||_F of every task over all adapted layers (one shared value for plain LoRA)."""
     cfg = rundir.load_run_config(run_dir)
-    model, _ = rundir.load_trained_model(run_dir, cfg)
+    model, _ = load_trained_model(run_dir, cfg)
     squares = dict.fromkeys(cfg.task_names, 0.0)
     with torch.no_grad():
         for module in model.modules():

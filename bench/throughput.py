@@ -102,7 +102,7 @@ def run_config(args, name: str, **train) -> dict:
 
 def drawn_rows(args):
     """The rows `multitune train` draws for this config, encoded: the baseline trains on the same."""
-    from multitune import run as rundir
+    from multitune import rundir
     from multitune.config import validate_config
     from multitune.data.mixing import TaskMixture
     from multitune.models.base import load_tokenizer

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.config import RunConfig, apply_override, as_config, load_config, resolve_paths, validate_config
 from multitune.data.sources import parse_jsonl, row_to_example
 from multitune.errors import MultituneError
@@ -18,6 +18,8 @@ from multitune.evaluation.runner import predict as run_prediction
 from multitune.lock import RunLock
 from multitune.methods.registry import method
 from multitune.models.base import resolve_model_dir
+from multitune.models.load import base_model_path, load_base, load_trained_model, point_adapter_at_base
+from multitune.reporting.tables import results_table
 from multitune.runtime import threads
 
 
@@ -83,15 +85,15 @@ def evaluate(
         raise MultituneError(f"no task of {target} has a {cfg.eval.split} split: nothing to evaluate")
     with threads(cfg.train.threads):
         if base:
-            model, tokenizer = rundir.load_base(cfg)
+            model, tokenizer = load_base(cfg)
         else:
-            model, tokenizer = rundir.load_trained_model(run_dir, cfg)
+            model, tokenizer = load_trained_model(run_dir, cfg)
         gate_ids = None if base else method(cfg.method.name).task_ids(model, cfg.task_names, task_fallback)
         result = run_evaluation(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, gate_ids=gate_ids)
     key = "zero_shot" if base else "fine_tuned"
     out = {"model": "base" if base else "trained", "split": cfg.eval.split, "results": result, "saved": None}
     if run_dir is None:
-        out["table"] = rundir.results_table({key: result}, cfg)
+        out["table"] = results_table({key: result}, cfg)
     else:
         paired = tasks_from is None
         out["table"], out["saved"] = rundir.write_evaluation(run_dir, key, cfg.eval.split, result, cfg, paired)
@@ -139,7 +141,7 @@ def predict_parsed(
     if not examples:
         raise MultituneError(f"{source}: no input rows")
     with threads(cfg.train.threads):
-        model, tokenizer = rundir.load_base(cfg) if base else rundir.load_trained_model(run_dir, cfg)
+        model, tokenizer = load_base(cfg) if base else load_trained_model(run_dir, cfg)
         gate_ids = None if base else method(cfg.method.name).task_ids(model, [task.name], task_fallback)
         encoder = rundir.make_encoder(cfg, tokenizer)
         preds = run_prediction(
@@ -188,7 +190,7 @@ def export(
         raise MultituneError(
             f"{how.no_lora}: its PEFT adapter is {Path(run_dir) / rundir.MODEL} (load it with multitune imported)"
         )
-    out = Path(out) if out is not None else rundir.child(run_dir / "export", f"{task or how.name}-{fmt}")
+    out = Path(out) if out is not None else rundir.child(run_dir / rundir.EXPORT, f"{task or how.name}-{fmt}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
     with RunLock(run_dir):
@@ -199,7 +201,7 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
     import shutil
 
     how = method(cfg.method.name)
-    model, tokenizer = rundir.load_trained_model(run_dir, cfg)
+    model, tokenizer = load_trained_model(run_dir, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -210,14 +212,14 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
 
         print(f"note: {MERGE_ERROR}; writing the base model and the adapter instead")
         model.save_pretrained(str(tmp / "adapter"))
-        rundir.point_adapter_at_base(tmp / "adapter", cfg)
-        base, _ = rundir.load_base(cfg)
+        point_adapter_at_base(tmp / "adapter", cfg)
+        base, _ = load_base(cfg)
         base.save_pretrained(str(tmp / "base"))
         tokenizer.save_pretrained(str(tmp / "base"))
     elif fmt == "peft-lora":
         if how.export_lora is None:
             raise MultituneError(how.no_lora.format(name=how.name))
-        base = resolve_model_dir(rundir.base_model_path(cfg), cfg.cache_dir)
+        base = resolve_model_dir(base_model_path(cfg), cfg.cache_dir)
         info = how.export_lora(model, cfg, task, tmp, base, max_rank)
         record = {"run": str(run_dir), "task": task, "method": how.name, "max_rank": max_rank, **info}
         (tmp / "multitune_export.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -239,10 +241,10 @@ def gates_run(run_dir: Path) -> tuple[str, Path]:
         raise MultituneError(f"a '{cfg.method.name}' run has no gates (only {', '.join(GATED)} do)")
     from multitune.methods.experts import expert_names, gate_table, plot_gates
 
-    model, _ = rundir.load_trained_model(run_dir, cfg)
+    model, _ = load_trained_model(run_dir, cfg)
     table = gate_table(model)
     names = expert_names(model)
-    png = plot_gates(table, Path(run_dir) / "gates.png", names)
+    png = plot_gates(table, Path(run_dir) / rundir.GATES_PNG, names)
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task, weights in table.items():
         lines.append(f"| {task} | " + " | ".join(f"{w:.3f}" for w in weights) + " |")

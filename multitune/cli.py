@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from multitune.files import atomic_path
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="multitune", description="Multi-task fine-tuning of causal LMs.")
@@ -124,7 +126,7 @@ def _quiet_libraries() -> None:
 def _train(args) -> int:
     from multitune.api import train
     from multitune.config import load_config
-    from multitune.run import results_table
+    from multitune.reporting.tables import results_table
 
     cfg = load_config(args.config, args.overrides)
     results = train(cfg, overwrite=args.overwrite, resume=args.resume)
@@ -152,8 +154,6 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    import os
-    import tempfile
 
     from multitune.api import predict_parsed
     from multitune.data.sources import parse_jsonl
@@ -187,15 +187,9 @@ def _predict(args) -> int:
                 sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
             return 0
         # written whole or not at all: an existing file is replaced only once every row is done
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as sink:
-                for row in rows:
-                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+            for row in rows:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if args.input:
             source.close()

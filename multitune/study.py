@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.config import RunConfig, as_config
 from multitune.data.mixing import mixture_probabilities
 from multitune.errors import MultituneError
 from multitune.evaluation.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
 from multitune.evaluation.interference import compare_table, propose_clusters
+from multitune.files import write_atomic
 from multitune.lock import RunLock
 from multitune.tasks.spec import higher_is_better, primary_metric
 from multitune.training.loop import train
@@ -58,7 +59,7 @@ def affinity_run(
     lines += [f"  - name: {t}\n    cluster: {c}" for t, c in groups.items()]
     lines.append(f"heatmap: {Path(cfg.output) / 'affinity.png'}")
     text = "\n".join(lines)
-    rundir.write_atomic(Path(cfg.output) / "affinity.md", text + "\n")
+    write_atomic(Path(cfg.output) / rundir.AFFINITY_MD, text + "\n")
     measured = results["affinity"]["measurements"]
     return {"tasks": names, "matrix": matrix, "measurements": measured, "clusters": groups, "text": text}
 
@@ -113,8 +114,8 @@ def compare_run(
     summary["seeds"] = seeds or [cfg.train.seed]
     text = _compare_text(summary, metric, cfg.train.balance.method)
     with RunLock(cfg.output):
-        rundir.write_atomic(Path(cfg.output) / "compare.json", json.dumps(summary, indent=1) + "\n")
-        rundir.write_atomic(Path(cfg.output) / "compare.md", text + "\n")
+        write_atomic(Path(cfg.output) / rundir.COMPARE_JSON, json.dumps(summary, indent=1) + "\n")
+        write_atomic(Path(cfg.output) / rundir.COMPARE_MD, text + "\n")
     return {**summary, "text": text}
 
 

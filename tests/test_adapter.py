@@ -227,7 +227,7 @@ def test_training_reduces_loss_and_the_run_reloads(run_config, tmp_path):
     assert results["train"]["trainable_parameters"] == 2 * 1 * 2 * (64 * 16 + 16 + 16 * 64 + 64)
     # a fresh process loads the run the way `multitune eval` does: nothing imports the method beforehand
     code = (
-        "import sys; from multitune import run as r; cfg = r.load_run_config(sys.argv[1]); "
+        "import sys; from multitune.models import load as r; cfg = r.load_run_config(sys.argv[1]); "
         "m, _ = r.load_trained_model(sys.argv[1], cfg); print(type(m.base_model).__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import DATA, task_rte, task_sst2
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.config import validate_config
 from multitune.data.sources import Example
 from multitune.errors import MultituneError
 from multitune.evaluation.retention import retention_examples
+from multitune.models.load import load_base, load_trained_model
 from multitune.training.checkpoint import list_checkpoints
 from multitune.training.loop import train
 
@@ -44,14 +45,14 @@ def test_a_dapt_stage_feeds_the_next_run(run_config, tmp_path):
     ppl = results["zero_shot"]["tasks"]["pubmed"]["perplexity"], results["fine_tuned"]["tasks"]["pubmed"]["perplexity"]
     assert ppl[1] < ppl[0]  # DAPT lowers the domain perplexity
     stage2 = validate_config(run_config(model=str(tmp_path / "dapt"), output=str(tmp_path / "ft")))
-    base, tok = rundir.load_base(stage2)
+    base, tok = load_base(stage2)
     assert (tmp_path / "dapt" / "merged" / "config.json").is_file()
-    adapted, _ = rundir.load_trained_model(tmp_path / "dapt", rundir.load_run_config(tmp_path / "dapt"))
+    adapted, _ = load_trained_model(tmp_path / "dapt", rundir.load_run_config(tmp_path / "dapt"))
     ids = torch.tensor([tok("Glucose-6-phosphate dehydrogenase deficiency")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(base.eval()(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4)
     train(stage2)  # fine-tunes a new LoRA on the merged DAPT model; reload goes through the merge too
-    model, _ = rundir.load_trained_model(tmp_path / "ft", rundir.load_run_config(tmp_path / "ft"))
+    model, _ = load_trained_model(tmp_path / "ft", rundir.load_run_config(tmp_path / "ft"))
     conf = json.loads((tmp_path / "ft" / "model" / "adapter_config.json").read_text())
     assert conf["base_model_name_or_path"] == str(tmp_path / "dapt" / "merged")
 
@@ -62,7 +63,7 @@ def test_a_run_of_a_gated_method_is_not_a_base(run_config, tmp_path):
     )
     train(validate_config(first))
     with pytest.raises(MultituneError, match="trained with moe_lora; a run used as a base model must be lora"):
-        rundir.load_base(validate_config(run_config(model=str(tmp_path / "a"))))
+        load_base(validate_config(run_config(model=str(tmp_path / "a"))))
 
 
 def test_retention_perplexity_before_and_after(run_config, tmp_path, tiny_model_dir):

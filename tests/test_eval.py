@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import DATA, task_rte, task_squad, write_yaml
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.cli import main
 from multitune.config import validate_config
 from multitune.data.collate import collate

@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import DATA, write_yaml
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.cli import main
 from multitune.config import validate_config
 from multitune.methods import count_parameters
 from multitune.methods.experts import task_id
 from multitune.methods.task_context import task_context
 from multitune.models.base import load_base_model
+from multitune.models.load import load_trained_model
 from multitune.training.loop import train
 
 CGC = {"name": "cgc_lora", "rank": 8, "alpha": 16, "dropout": 0.0, "common_experts": 2, "task_experts": 1}
@@ -40,7 +41,7 @@ def test_cgc_run_exports_plain_lora_and_merged_weights(cgc_run, capsys):
     cfg = rundir.load_run_config(cgc_run)
     results = json.loads((cgc_run / "results.json").read_text())
     assert set(results["fine_tuned"]["tasks"]) == {"sst2", "rte"}
-    model, tok = rundir.load_trained_model(cgc_run, cfg)
+    model, tok = load_trained_model(cgc_run, cfg)
     ids = tok("Review: an honest, moving film", return_tensors="pt").input_ids
     sst2 = task_id(model, "sst2")
     gated = _logits(model, ids, sst2)

@@ -11,10 +11,11 @@ import torch
 from conftest import plain_peft_logits, write_yaml
 from safetensors.torch import load_file
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.cli import main
 from multitune.methods.lora.export import lora_factors, truncate
 from multitune.methods.task_context import task_context
+from multitune.models.load import load_trained_model
 
 
 def check_server_rules(adapter, base_dir) -> dict:
@@ -39,7 +40,7 @@ def _base_modules(base_dir):
 
 def _logits(run_dir, ids, task=None):
     cfg = rundir.load_run_config(run_dir)
-    model, _ = rundir.load_trained_model(run_dir, cfg)
+    model, _ = load_trained_model(run_dir, cfg)
     tid = torch.tensor([cfg.task_names.index(task)] * len(ids)) if task else torch.zeros(len(ids), dtype=torch.long)
     with torch.no_grad(), task_context(tid):
         return model(input_ids=ids).logits
@@ -96,7 +97,7 @@ def test_max_rank_reports_the_error_it_introduced(run_config, tiny_model_dir, tm
     assert config["r"] == 2 and config["lora_alpha"] == 2.0
     # the error, recomputed from the run's own factors with a full SVD of every layer's update
     cfg = rundir.load_run_config(run)
-    model, _ = rundir.load_trained_model(run, cfg)
+    model, _ = load_trained_model(run, cfg)
     dropped = total = 0.0
     for a, b, scaling in lora_factors(model).values():
         s = torch.linalg.svdvals((scaling * b @ a).double())

@@ -13,10 +13,11 @@ import matplotlib.image
 import pytest
 from conftest import task_rte, task_sst2
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.cli import main
 from multitune.config import validate_config
 from multitune.reporting.log import RUN_WIDE, read_metrics, series
+from multitune.reporting.tables import results_rows
 from multitune.training.loop import train
 
 
@@ -66,7 +67,7 @@ def test_report_holds_the_results_table_and_a_chart_per_logged_figure(finished_r
     assert capsys.readouterr().out.strip() == f"report: {run / 'report.html'}"
     page = (run / "report.html").read_text(encoding="utf-8")
 
-    header, rows = rundir.results_rows(rundir.read_results(run), cfg)
+    header, rows = results_rows(rundir.read_results(run), cfg)
     assert _cells(page, "task") == [header] + [[c.strip("*") for c in row] for row in rows]
     assert len(rows) == 5  # accuracy and macro_f1 of two tasks, and the mean
 

@@ -127,7 +127,7 @@ def test_task_names_cannot_become_paths(scratch, capsys, name):
 
 def test_compare_keeps_single_task_runs_inside_their_folder(tmp_path):
     from multitune.errors import MultituneError
-    from multitune.run import child
+    from multitune.rundir import child
 
     assert child(tmp_path, "sst2") == tmp_path / "sst2"
     for bad in ("..", "../x", "/etc", "a/../../b"):
@@ -428,7 +428,7 @@ def test_output_that_is_a_file_or_unwritable(scratch, capsys, monkeypatch):
     locked = scratch / "ro"
     locked.mkdir()
     # root may write anywhere, so the permission answer is the operating system's, stood in for here
-    monkeypatch.setattr("multitune.run.os.access", lambda path, mode: Path(path) != locked)
+    monkeypatch.setattr("multitune.rundir.os.access", lambda path, mode: Path(path) != locked)
     code, err = run_cli(capsys, "train", "run.yaml", "output=ro/run")
     assert code == 2
     one_line_error(err, f"output ro/run: {locked} is not writable")

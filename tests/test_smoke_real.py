@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import task_sst2
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.cli import main
 from multitune.config import validate_config
 from multitune.training.loop import train

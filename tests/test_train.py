@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import task_squad, write_yaml
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.cli import main
 from multitune.config import validate_config
 from multitune.data.collate import _cells, collate, pack
@@ -15,6 +15,7 @@ from multitune.errors import MultituneError
 from multitune.methods import apply_method, count_parameters
 from multitune.models.base import load_base_model, load_tokenizer
 from multitune.models.forward import per_row_mean_nll, target_logprobs
+from multitune.models.load import load_trained_model
 from multitune.training.checkpoint import list_checkpoints
 from multitune.training.loop import train
 
@@ -288,7 +289,7 @@ def test_saved_adapter_loads_in_plain_peft(run_config):
     cfg = validate_config(run_config(train={"max_steps": 4, "lr": 5e-3}))
     train(cfg)
     run = rundir.Path(cfg.output)
-    ours, tok = rundir.load_trained_model(run, cfg)
+    ours, tok = load_trained_model(run, cfg)
     assert {type(m).__name__ for m in ours.modules() if "lora_A" in m._modules} == {"FusedLoraLinear"}
     conf = json.loads((run / "model/adapter_config.json").read_text())
     base = load_base_model(conf["base_model_name_or_path"])

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from multitune.errors import MultituneError
+from multitune.files import atomic_path
 
 MAX_CLUSTER_TASKS = 10
 
@@ -303,15 +302,8 @@ def plot_matrix(
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=120)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a plot is meant to be shared
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
 

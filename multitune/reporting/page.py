@@ -10,20 +10,22 @@ import base64
 import html
 from pathlib import Path
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.config import RunConfig
 from multitune.errors import MultituneError
+from multitune.files import write_atomic
 from multitune.reporting.log import RUN_WIDE, read_metrics, series
 from multitune.reporting.plots import line_chart
+from multitune.reporting.tables import results_rows
 from multitune.tasks.spec import higher_is_better, primary_metric
 
-REPORT = "report.html"
+REPORT = rundir.REPORT
 IMAGES = {
-    "interference.png": "Mean gradient cosine per task pair (train.interference_every)",
-    "affinity.png": "Lookahead task affinity (multitune affinity / train.affinity_every)",
-    "gates.png": "Gate weights per task (multitune gates)",
+    rundir.INTERFERENCE_PNG: "Mean gradient cosine per task pair (train.interference_every)",
+    rundir.AFFINITY_PNG: "Lookahead task affinity (multitune affinity / train.affinity_every)",
+    rundir.GATES_PNG: "Gate weights per task (multitune gates)",
 }
-TEXTS = {"affinity.md": "Task affinity and proposed clusters", "compare.md": "Single-task vs multi-task"}
+TEXTS = {rundir.AFFINITY_MD: "Task affinity and proposed clusters", rundir.COMPARE_MD: "Single-task vs multi-task"}
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -70,7 +72,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if out is not None and target.is_file() and GENERATOR.encode() not in target.read_bytes()[:4096]:
         raise MultituneError(f"report target {target} exists and is not a multitune report: not replaced")
     target.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_atomic(target, page)
+    write_atomic(target, page)
     return target
 
 
@@ -110,7 +112,7 @@ def _summary(cfg: RunConfig, results: dict, records: list[dict]) -> str:
 def _results(cfg: RunConfig, results: dict) -> str:
     if not any(c in results for c in ("zero_shot", "fine_tuned")):
         return "<p>No evaluation results yet.</p>"
-    header, rows = rundir.results_rows(results, cfg)
+    header, rows = results_rows(results, cfg)
     out = ["<h2>Results</h2>", "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
         cells = []

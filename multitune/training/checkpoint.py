@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from multitune.errors import MultituneError
+from multitune.files import atomic_path
 
 PREFIX = "step-"
 WEIGHTS = "trainable.safetensors"
@@ -61,10 +62,9 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(trainable_state(model), str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(trainable_state(model), str(tmp))
+        _fsync(tmp)
 
 
 def rng_state() -> dict:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from multitune import rundir
 from multitune.config import RunConfig
 from multitune.errors import MultituneError
 from multitune.evaluation.runner import lookup
 from multitune.tasks.spec import higher_is_better
 from multitune.training.checkpoint import load_trainable, save_weights_atomic
 
-BEST = "best.safetensors"
+BEST = rundir.BEST
 
 
 def should_stop(cfg: RunConfig, result: dict, step: int, state: dict, model, run_dir: Path, say) -> bool:

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from multitune import run as rundir
+from multitune import rundir
 from multitune.config import RunConfig
 from multitune.data.collate import Batch, collate, pack
 from multitune.data.mixing import TaskMixture
@@ -35,6 +35,7 @@ from multitune.methods import apply_method, count_parameters, param_groups, task
 from multitune.methods.task_context import task_context
 from multitune.models.attention import skips_other_rows
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
+from multitune.models.load import load_base, save_trained_model
 from multitune.runtime import compile_layers, eager_layers, threads
 from multitune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from multitune.training.early_stopping import restore_best, should_stop
@@ -94,7 +95,7 @@ class Recipe:
 
     def setup(self) -> None:
         self._load_data()  # nothing is written before the output, config, every split and the model are known good
-        self.model, self.tokenizer = rundir.load_base(self.cfg)
+        self.model, self.tokenizer = load_base(self.cfg)
         if self.main:
             rundir.prepare_run_dir(self.cfg, overwrite=self.overwrite, resume=self.resume, lock=self.lock)
         self.accelerator.wait_for_everyone()
@@ -391,7 +392,7 @@ class Recipe:
         model = self.accelerator.unwrap_model(self.model)
         restore_best(cfg, state, model, self.run_dir, say)
         if self.main:
-            rundir.save_trained_model(model, self.tokenizer, self.run_dir, cfg)
+            save_trained_model(model, self.tokenizer, self.run_dir, cfg)
         with eager_layers(model):
             if final_eval:
                 say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(self.eval_rows)}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from multitune import run as rundir
+from multitune import rundir
+from multitune.files import write_atomic
 from multitune.training.tracking import Trackers
 
 
@@ -71,7 +72,7 @@ def truncate_log(path: Path, step: int, say) -> None:
             row_step = None
         if not isinstance(row_step, int | float) or row_step <= step:  # a line that is not ours: kept as it is
             keep.append(line)
-    rundir.write_atomic(path, "".join(line + "\n" for line in keep))
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class LossWindow:

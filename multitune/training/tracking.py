@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from multitune import rundir
 from multitune.errors import MultituneError
 
 # config name -> (module to import, what to pip install)
@@ -34,7 +35,7 @@ TRACKERS = {
     "trackio": ("trackio", "trackio"),
     "swanlab": ("swanlab", "swanlab"),
 }
-STATE = "trackers.json"
+STATE = rundir.TRACKERS
 PROJECT = "multitune"
 
 
@@ -84,7 +85,7 @@ class Trackers:
             cls = LOGGER_TYPE_TO_CLASS[name]
             if name == "tensorboard":
                 # purge_step hides the events a stopped run logged after its last checkpoint
-                tracker = cls("", str(self.run_dir / "tb"), purge_step=step + 1)
+                tracker = cls("", str(self.run_dir / rundir.TENSORBOARD), purge_step=step + 1)
             elif name == "mlflow":
                 self._use_run_store()
                 tracker = cls(PROJECT, run_name=run_name, run_id=saved.get("mlflow"))
@@ -143,7 +144,7 @@ class Trackers:
         import mlflow
 
         self._mlflow_store = True
-        mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}")
+        mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir / rundir.MLFLOW_DB).resolve()}")
 
     def _saved(self) -> dict:
         path = self.run_dir / STATE
@@ -155,7 +156,7 @@ class Trackers:
 
     def _save(self) -> None:
         """The ids that continue each series on --resume."""
-        from multitune.run import write_atomic
+        from multitune.files import write_atomic
 
         ids = {}
         for tracker in self.trackers:

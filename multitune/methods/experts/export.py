@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from multitune.errors import MultituneError
+from multitune.files import atomic_path
 from multitune.methods.experts.config import ExpertsConfig, experts_config, gate_row
 from multitune.methods.experts.layer import ExpertsLinear
 from multitune.methods.experts.model import _StoreScales
@@ -151,6 +152,7 @@ def plot_gates(table: dict[str, list[float]], path_png: str | Path, expert_names
     fig.tight_layout()
     out = Path(path_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return out

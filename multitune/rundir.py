@@ -1,11 +1,14 @@
-"""The run directory: what a run leaves behind and how the other commands find it again.
+"""The run directory: every name multitune writes into one, and how the commands find a run again.
 
-runs/x/config.yaml      the resolved config (paths absolute)
-runs/x/model/           PEFT adapter (lora) or full weights (full, freeze) + tokenizer
-runs/x/metrics.jsonl    every logged figure, per task, one JSON object per line
-runs/x/results.json     zero-shot and fine-tuned metrics per task; results.md the table
-runs/x/checkpoints/     atomic checkpoints for --resume
-runs/x/tb/              TensorBoard events (train.report_to; mlflow.db for MLflow, trackers.json)
+runs/x/config.yaml        the resolved config (paths absolute)
+runs/x/model/             PEFT adapter (lora, adapter, experts) or full weights (full, freeze) + tokenizer
+runs/x/metrics.jsonl      every logged figure, per task, one JSON object per line
+runs/x/results.json       zero-shot and fine-tuned metrics per task; results.md the table
+runs/x/checkpoints/       atomic checkpoints for --resume; best.safetensors (early stopping)
+runs/x/evals/             later `multitune eval` results, one file each
+runs/x/tb/                TensorBoard events (train.report_to; mlflow.db for MLflow, trackers.json)
+runs/x/*.png, *.md        interference / affinity / gates heatmaps, affinity.md, compare.json/.md
+runs/x/report.html        `multitune report`; export/ and merged/ (exports, a DAPT stage's merge)
 """
 
 from __future__ import annotations
@@ -16,17 +19,13 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from multitune.config import RunConfig, dump_config, load_config
 from multitune.data.encode import Encoder
 from multitune.data.sources import SPLITS, Example, load_split
 from multitune.errors import MultituneError
+from multitune.files import write_atomic
 from multitune.lock import LOCK, RunLock
-from multitune.methods import saves_adapter
-from multitune.methods.registry import METHODS, method
-from multitune.models.base import load_base_model, load_tokenizer, resolve_model_dir
-from multitune.tasks.spec import primary_metric
+from multitune.reporting.tables import results_table
 from multitune.training.checkpoint import list_checkpoints
 
 CONFIG = "config.yaml"
@@ -37,10 +36,23 @@ METRICS = "metrics.jsonl"
 EVALS = "evals"
 CHECKPOINTS = "checkpoints"
 MARKER = ".multitune-run"
-
+BEST = "best.safetensors"
+TENSORBOARD = "tb"
+MLFLOW_DB = "mlflow.db"
+TRACKERS = "trackers.json"
+REPORT = "report.html"
+INTERFERENCE_PNG = "interference.png"
+AFFINITY_PNG = "affinity.png"
+GATES_PNG = "gates.png"
+AFFINITY_MD = "affinity.md"
+COMPARE_JSON = "compare.json"
+COMPARE_MD = "compare.md"
+EXPORT = "export"
+MERGED = "merged"
 
 # Every name multitune writes into a run dir. --overwrite removes these and nothing else, and
 # only from a dir that holds nothing else: a folder a user keeps other files in is never emptied.
+# (wandb/, .aim, dvclive/: where those trackers write by default, see training/tracking.py)
 RUN_ENTRIES = {
     MARKER,
     LOCK,
@@ -51,22 +63,22 @@ RUN_ENTRIES = {
     METRICS,
     EVALS,
     CHECKPOINTS,
-    "tb",
-    "mlflow.db",
-    "trackers.json",
+    BEST,
+    TENSORBOARD,
+    MLFLOW_DB,
+    TRACKERS,
     "wandb",
     ".aim",
     "dvclive",
-    "best.safetensors",
-    "report.html",
-    "interference.png",
-    "affinity.png",
-    "gates.png",
-    "affinity.md",
-    "compare.json",
-    "compare.md",
-    "export",
-    "merged",
+    REPORT,
+    INTERFERENCE_PNG,
+    AFFINITY_PNG,
+    GATES_PNG,
+    AFFINITY_MD,
+    COMPARE_JSON,
+    COMPARE_MD,
+    EXPORT,
+    MERGED,
 }
 
 
@@ -275,113 +287,6 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return load_config(run_dir / CONFIG)
 
 
-def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Module, object]:
-    """The fine-tuned model of a run and its tokenizer."""
-    model_dir = Path(run_dir) / MODEL
-    if not model_dir.is_dir():
-        raise MultituneError(f"{run_dir} has no trained model yet ({MODEL}/ is missing)")
-    tokenizer = load_tokenizer(str(model_dir))
-    if saves_adapter(cfg.method.name):
-        from peft import PeftModel
-
-        import multitune.methods.adapter  # noqa: F401  (registers adapter with PEFT)
-        import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
-        from multitune.methods.lora.layer import fuse_lora_layers
-
-        if not (model_dir / "adapter_model.safetensors").is_file():
-            raise MultituneError(
-                f"{model_dir} holds no adapter_model.safetensors (a pickled adapter file is never loaded)"
-            )
-        base = load_base_model(base_model_path(cfg), cfg.cache_dir)
-        try:
-            model = PeftModel.from_pretrained(base, str(model_dir))
-        except Exception as e:  # a damaged or foreign adapter: one line, not a traceback
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MultituneError(f"could not load the adapter in {model_dir}: {first}") from None
-        fuse_lora_layers(model)
-    else:
-        model = load_base_model(str(model_dir))
-    return model.eval(), tokenizer
-
-
-def load_base(cfg: RunConfig) -> tuple[torch.nn.Module, object]:
-    path = base_model_path(cfg)
-    return load_base_model(path, cfg.cache_dir), load_tokenizer(path, cfg.cache_dir)
-
-
-def base_model_path(cfg: RunConfig) -> str:
-    """`cfg.model`; for an earlier run (`model: runs/dapt`, a domain-adaptive stage) its merged model."""
-    path = Path(cfg.model)
-    if (path / CONFIG).is_file() and (path / MODEL).is_dir():
-        return str(merged_stage(path))
-    return cfg.model
-
-
-def merged_stage(run_dir: Path) -> Path:
-    """The model of an earlier run with its update merged into the weights, written once to
-    RUN/merged/. The next stage trains a fresh LoRA (or anything else) on top of it: merging costs
-    nothing at inference and keeps the next stage's export an ordinary adapter of one base, where
-    keeping the first LoRA frozen under the second would make every forward pay for both."""
-    out = run_dir / "merged"
-    if (out / "config.json").is_file():
-        return out
-    stage = load_run_config(run_dir)
-    how = method(stage.method.name)
-    if not how.merges or how.per_task:
-        ok = ", ".join(m.name for m in METHODS.values() if m.merges and not m.per_task)
-        raise MultituneError(
-            f"{run_dir} was trained with {stage.method.name}; a run used as a base model must be {ok} "
-            "(their update merges into the weights)"
-        )
-    model, tokenizer = load_trained_model(run_dir, stage)
-    model = how.merge(model, None)
-    tmp = run_dir / f".merged.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another process merged it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def save_trained_model(model: torch.nn.Module, tokenizer, run_dir: Path, cfg: RunConfig) -> None:
-    """Write model/ atomically (temporary folder, then rename)."""
-    final = run_dir / MODEL
-    tmp = run_dir / f".{MODEL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if saves_adapter(cfg.method.name):
-        point_adapter_at_base(tmp, cfg)
-    tokenizer.save_pretrained(str(tmp))
-    old = run_dir / f".{MODEL}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def point_adapter_at_base(adapter_dir: Path, cfg: RunConfig) -> None:
-    """Name the resolved local base model in adapter_config.json, so plain PEFT loads it offline."""
-    conf_path = Path(adapter_dir) / "adapter_config.json"
-    conf = json.loads(conf_path.read_text())
-    conf["base_model_name_or_path"] = resolve_model_dir(base_model_path(cfg), cfg.cache_dir)
-    conf_path.write_text(json.dumps(conf, indent=2))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a temporary file beside it (named by pid, so two writers
-    never share one), flushed to disk, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_results(run_dir: Path) -> dict:
     path = Path(run_dir) / RESULTS
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -430,45 +335,3 @@ def write_evaluation(
 
 def _sizes(n: dict[str, int]) -> str:
     return ", ".join(f"{t} n={k}" for t, k in n.items())
-
-
-def results_table(results: dict, cfg: RunConfig) -> str:
-    """The markdown form of `results_rows`."""
-    header, rows = results_rows(results, cfg)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def results_rows(results: dict, cfg: RunConfig) -> tuple[list[str], list[list[str]]]:
-    """Per task: primary metric (and the others), zero-shot vs fine-tuned, as formatted cells;
-    one source for results.md and the HTML report."""
-    columns = [c for c in ("zero_shot", "fine_tuned") if c in results]
-    both = len(columns) == 2
-    header = ["task", "metric", *(c.replace("_", "-") for c in columns)] + (["Δ"] if both else [])
-    rows = []
-    for task in cfg.tasks:
-        for metric in _metrics_of(task, results, columns):
-            vals = [results[c]["tasks"].get(task.name, {}).get(metric) for c in columns]
-            row = [task.name, metric, *(f"{v:.1f}" if isinstance(v, int | float) else "-" for v in vals)]
-            if both:
-                a, b = vals
-                row.append(f"{b - a:+.1f}" if a is not None and b is not None else "-")
-            rows.append(row)
-    means = [results[c].get("mean") for c in columns]
-    if any(m is not None for m in means):
-        row = ["**mean**", "primary", *(f"{m:.1f}" if m is not None else "-" for m in means)]
-        if both:
-            row.append(f"{means[1] - means[0]:+.1f}" if None not in means else "-")
-        rows.append(row)
-    return header, rows
-
-
-def _metrics_of(task, results: dict, columns: list[str]) -> list[str]:
-    first = primary_metric(task)
-    names = [first]
-    for c in columns:
-        for name in results[c]["tasks"].get(task.name, {}):
-            if name not in names and name != "n":
-                names.append(name)
-    return names
