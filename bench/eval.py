@@ -111,7 +111,7 @@ def work(model, encoder, task, examples, preds, batch: int, max_new_tokens: int)
     generation runs each batch for as many steps as its longest answer. Padding is not counted;
     the third value is the share of padding in our prompt pass (the evaluator's batches).
     """
-    from multitune.evaluation.runner import _SharedPrefix, length_batches
+    from multitune.evaluation.evaluator import _SharedPrefix, length_batches
 
     def padding(own: list[int], batches: list[list[int]]) -> float:
         return 1 - sum(own) / sum(len(b) * max(own[i] for i in b) for b in batches)
@@ -159,7 +159,7 @@ def main() -> None:
 
     from multitune import rundir
     from multitune.config import validate_config
-    from multitune.evaluation.runner import predict, score
+    from multitune.evaluation.evaluator import predict, score
     from multitune.runtime import use_cores
 
     use_cores()  # threads and allocator as `multitune eval` sets them, for both loops

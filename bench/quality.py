@@ -51,7 +51,7 @@ def data_overrides(data: str) -> list[str]:
 
 
 def train_variant(args) -> None:
-    from multitune.study import compare_run
+    from multitune.analysis.experiments import compare_run
 
     out = Path(args.runs) / (args.name or args.variant)
     overrides = [*data_overrides(args.data), *VARIANTS[args.variant], *args.set, f"output={out}"]

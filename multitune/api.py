@@ -13,8 +13,8 @@ from multitune import rundir
 from multitune.config import RunConfig, apply_override, as_config, load_config, resolve_paths, validate_config
 from multitune.data.sources import parse_jsonl, row_to_example
 from multitune.errors import MultituneError
-from multitune.evaluation.runner import evaluate as run_evaluation
-from multitune.evaluation.runner import predict as run_prediction
+from multitune.evaluation.evaluator import evaluate as run_evaluation
+from multitune.evaluation.evaluator import predict as run_prediction
 from multitune.lock import RunLock
 from multitune.methods.registry import method
 from multitune.models.base import resolve_model_dir
@@ -262,7 +262,7 @@ def affinity(config: str | Path | dict | RunConfig, overrides: list[str] | None 
     """Lookahead task affinity over a short run (`multitune affinity`): {"tasks", "matrix",
     "measurements", "clusters", "text"}; options: steps, every, clusters, lookahead_lr, output,
     overwrite."""
-    from multitune.study import affinity_run
+    from multitune.analysis.experiments import affinity_run
 
     return affinity_run(config, overrides, **options)
 
@@ -270,6 +270,6 @@ def affinity(config: str | Path | dict | RunConfig, overrides: list[str] | None 
 def compare(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, **options) -> dict:
     """Single-task baselines against the multi-task run (`multitune compare`): per-task deltas,
     Δm, intervals, and the table as "text"; options: singles, reuse, overwrite, resume, seeds."""
-    from multitune.study import compare_run
+    from multitune.analysis.experiments import compare_run
 
     return compare_run(config, overrides, **options)

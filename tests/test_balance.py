@@ -1,4 +1,4 @@
-"""Tests for multitune.training.surgery (gradient surgery) and multitune.training.objectives (loss balancers)."""
+"""Tests for multitune.training.surgery (gradient surgery) and multitune.training.loss_weighting (loss balancers)."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from multitune.errors import MultituneError
-from multitune.training.objectives import BALANCERS, make_balancer
+from multitune.training.loss_weighting import BALANCERS, make_balancer
 from multitune.training.surgery import (
     SURGERY,
     _pcgrad_rows,

@@ -1,4 +1,4 @@
-"""Seeds and the paired bootstrap (multitune/evaluation/bootstrap.py), on examples small enough to
+"""Seeds and the paired bootstrap (multitune/analysis/bootstrap.py), on examples small enough to
 work out by hand, and `multitune compare --seeds` end to end on a tiny model."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import task_rte, task_sst2, write_yaml
 
+from multitune.analysis.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
+from multitune.analysis.experiments import compare_seeds
 from multitune.cli import main
 from multitune.errors import MultituneError
-from multitune.evaluation.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
-from multitune.study import compare_seeds
 
 
 def test_mean_and_sample_std():

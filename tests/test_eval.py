@@ -12,7 +12,7 @@ from multitune.config import validate_config
 from multitune.data.collate import collate
 from multitune.data.encode import IGNORE, Encoded
 from multitune.data.sources import Example, load_split
-from multitune.evaluation.runner import evaluate, length_batches, predict, score
+from multitune.evaluation.evaluator import evaluate, length_batches, predict, score
 from multitune.models.base import load_base_model, load_tokenizer
 from multitune.models.forward import target_logprobs
 
@@ -39,7 +39,7 @@ def test_label_scores_equal_one_forward_per_label(arch, tiny_model_dirs, run_con
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(arch, tiny_model_dirs, run_config, monkeypatch):
-    from multitune.evaluation import runner
+    from multitune.evaluation import evaluator as runner
 
     lead = "Read the premise and the hypothesis below with care, then answer.\nPremise: "
     rte = {**task_rte(), "prompt": lead + "{{ premise }}\nHypothesis: {{ hypothesis }}"}
@@ -179,7 +179,7 @@ def test_generation_predictions_are_strings(run_config):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_prompts_of_a_decoding_batch_run_in_length_groups_and_decode_as_alone(arch, tiny_model_dirs, run_config):
-    from multitune.evaluation import runner
+    from multitune.evaluation import evaluator as runner
 
     squad = {
         **task_squad(2, 8),

@@ -1,22 +1,15 @@
-"""Tests for multitune.evaluation.interference: gradient geometry, TAG affinity and grouping, Δm, plots."""
+"""Tests for multitune.analysis: gradient geometry, TAG affinity and grouping, Δm, plots."""
 
 import math
 
 import pytest
 import torch
 
+from multitune.analysis.affinity import average_affinity, lookahead_affinity, propose_clusters
+from multitune.analysis.delta_m import compare_table, delta_m
+from multitune.analysis.gradients import conflict_rate, cosine_matrix, magnitude_similarity
+from multitune.analysis.heatmap import plot_matrix
 from multitune.errors import MultituneError
-from multitune.evaluation.interference import (
-    average_affinity,
-    compare_table,
-    conflict_rate,
-    cosine_matrix,
-    delta_m,
-    lookahead_affinity,
-    magnitude_similarity,
-    plot_matrix,
-    propose_clusters,
-)
 from multitune.training.surgery import per_task_grads
 
 U = torch.tensor([1.0, -2.0, 0.5])

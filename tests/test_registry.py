@@ -10,7 +10,7 @@ import pytest
 from multitune import config
 from multitune.errors import MultituneError
 from multitune.methods.registry import GATED, METHODS, method
-from multitune.training.objectives import BALANCERS
+from multitune.training.loss_weighting import BALANCERS
 from multitune.training.surgery import SURGERY
 
 

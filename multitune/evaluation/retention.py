@@ -13,7 +13,7 @@ from multitune.config import RunConfig
 from multitune.data.encode import Encoder
 from multitune.data.sources import Example, load_split, read_rows
 from multitune.errors import MultituneError
-from multitune.evaluation.runner import text_nll
+from multitune.evaluation.evaluator import text_nll
 from multitune.methods.task_context import task_context
 
 

@@ -107,13 +107,13 @@ def _adapter_task_ids(model, names, fallback):
 
 
 def _apply_full(model, cfg, tasks):
-    from multitune.methods.finetune import apply_full
+    from multitune.methods.full_and_freeze import apply_full
 
     return apply_full(model)
 
 
 def _apply_freeze(model, cfg, tasks):
-    from multitune.methods.finetune import apply_freeze
+    from multitune.methods.full_and_freeze import apply_freeze
 
     return apply_freeze(model, cfg)
 

@@ -17,7 +17,7 @@ from multitune.files import write_atomic
 from multitune.reporting.log import RUN_WIDE, read_metrics, series
 from multitune.reporting.plots import line_chart
 from multitune.reporting.tables import results_rows
-from multitune.tasks.spec import higher_is_better, primary_metric
+from multitune.tasks.metric_info import higher_is_better, primary_metric
 
 REPORT = rundir.REPORT
 IMAGES = {

@@ -4,7 +4,7 @@ the HTML report."""
 from __future__ import annotations
 
 from multitune.config import RunConfig
-from multitune.tasks.spec import primary_metric
+from multitune.tasks.metric_info import primary_metric
 
 
 def results_table(results: dict, cfg: RunConfig) -> str:

@@ -8,8 +8,8 @@ from pathlib import Path
 from multitune import rundir
 from multitune.config import RunConfig
 from multitune.errors import MultituneError
-from multitune.evaluation.runner import lookup
-from multitune.tasks.spec import higher_is_better
+from multitune.evaluation.evaluator import lookup
+from multitune.tasks.metric_info import higher_is_better
 from multitune.training.checkpoint import load_trainable, save_weights_atomic
 
 BEST = rundir.BEST

@@ -28,8 +28,8 @@ from multitune.config import RunConfig
 from multitune.data.collate import Batch, collate, pack
 from multitune.data.mixing import TaskMixture
 from multitune.errors import MultituneError
+from multitune.evaluation.evaluator import evaluate
 from multitune.evaluation.retention import retention_change, retention_examples, retention_perplexity
-from multitune.evaluation.runner import evaluate
 from multitune.lock import RunLock
 from multitune.methods import apply_method, count_parameters, param_groups, task_gated
 from multitune.methods.task_context import task_context

@@ -1,7 +1,7 @@
 """Diagnostics measured while training: per-task gradient cosines (`train.interference_every`)
 and lookahead task affinity (`train.affinity_every`), averaged over the run, stored in
 results.json and drawn as heatmaps (RUN/interference.png, RUN/affinity.png). The measures
-themselves are in evaluation/interference.py; this module decides when they run and keeps them.
+themselves are in multitune/analysis/ (gradients.py, affinity.py); this module decides when they run and keeps them.
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from pathlib import Path
 
 import torch
 
+from multitune.analysis.affinity import lookahead_affinity
+from multitune.analysis.gradients import PairAverage, cosine_matrix, gradient_report
+from multitune.analysis.heatmap import plot_matrix
 from multitune.config import RunConfig
-from multitune.evaluation.interference import (
-    PairAverage,
-    cosine_matrix,
-    gradient_report,
-    lookahead_affinity,
-    plot_matrix,
-)
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs
 

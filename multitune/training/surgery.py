@@ -6,7 +6,7 @@ direction of shape ``(P,)`` to write into ``p.grad`` with `write_grad` before ``
 
 Scale convention: every function returns a direction on the **sum scale**, the scale of
 ``G.sum(0)``, which is the gradient of the summed task losses (the ``equal`` balancer of
-`multitune.training.objectives`). Concretely, when tasks do not conflict:
+`multitune.training.loss_weighting`). Concretely, when tasks do not conflict:
 
 * `pcgrad` returns exactly ``G.sum(0)`` when no pair of rows has a negative inner product;
 * `cagrad` with ``c = 0`` returns exactly ``G.sum(0)`` (the reference code returns the mean; we

@@ -2,12 +2,12 @@
 family, so the loop has no branch on the loss mode.
 
 - `LossUpdate`: the mean row loss (`rows`) or a balancer's combination of the task losses
-  (training/objectives.py), plus the domain term of `train.domain`; one backward.
+  (training/loss_weighting.py), plus the domain term of `train.domain`; one backward.
 - `SurgeryUpdate`: per-task gradients combined by a gradient-surgery method
   (training/surgery.py) and added to `.grad` directly.
 
 Both add L2-SP (`train.l2sp`) once per optimizer step. Adding a balancing method: a balancer in
-objectives.py or a direction function in surgery.py, and its name in the config's Literal; the
+loss_weighting.py or a direction function in surgery.py, and its name in config.py's tuples; the
 update classes do not change.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from multitune.config import RunConfig
-from multitune.domain.term import DomainTerm
+from multitune.domain.domain_loss import DomainTerm
 from multitune.training.l2sp import L2SP
-from multitune.training.objectives import make_balancer
+from multitune.training.loss_weighting import make_balancer
 from multitune.training.surgery import SURGERY, add_grad, cagrad, pcgrad, surgery_direction
 
 

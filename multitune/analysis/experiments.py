@@ -8,14 +8,15 @@ import json
 from pathlib import Path
 
 from multitune import rundir
+from multitune.analysis.affinity import propose_clusters
+from multitune.analysis.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
+from multitune.analysis.delta_m import compare_table
 from multitune.config import RunConfig, as_config
 from multitune.data.mixing import mixture_probabilities
 from multitune.errors import MultituneError
-from multitune.evaluation.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
-from multitune.evaluation.interference import compare_table, propose_clusters
 from multitune.files import write_atomic
 from multitune.lock import RunLock
-from multitune.tasks.spec import higher_is_better, primary_metric
+from multitune.tasks.metric_info import higher_is_better, primary_metric
 from multitune.training.loop import train
 
 
@@ -76,7 +77,7 @@ def compare_run(
     """Train one single-task run per task (same method, budget and settings; each sees as many
     rows of its task as the multi-task run does) and the multi-task run, then compare them: per-task
     deltas, Δm, tasks below their baseline, the worst task, and a 95% paired-bootstrap interval
-    over the dev rows for each delta and for Δm (multitune/evaluation/bootstrap.py). Returns
+    over the dev rows for each delta and for Δm (multitune/analysis/bootstrap.py). Returns
     compare.json's content with the markdown table as "text" (both also written to OUTPUT/).
 
     `singles`: where the single-task runs live (default `<output>-single`), so several multi-task

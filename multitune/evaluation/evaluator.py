@@ -29,7 +29,7 @@ from multitune.data.sources import Example
 from multitune.methods.task_context import task_context
 from multitune.models.forward import target_logprobs
 from multitune.tasks import metrics
-from multitune.tasks.spec import higher_is_better, primary_metric
+from multitune.tasks.metric_info import higher_is_better, primary_metric
 
 
 @torch.no_grad()
