@@ -25,8 +25,8 @@ from multitune.methods.experts import (
     split_rank,
     task_id,
     task_ids,
-    task_lora_state,
 )
+from multitune.methods.experts.config import experts_config, gate_row
 from multitune.methods.task_context import current_task_context, task_context
 from multitune.models.base import load_base_model
 
@@ -380,7 +380,7 @@ def test_exported_lora_loads_in_plain_peft_and_merge_matches(tiny_model_dirs, tm
         expected[key] = gated
         out = export_task_lora(model, task, tmp_path / key)
         config = json.loads((out / "adapter_config.json").read_text())
-        _, rank = task_lora_state(model, task)
+        rank = experts_config(model).layout().row_rank(gate_row(experts_config(model), task))
         assert config["peft_type"] == "LORA" and config["r"] == rank
         assert config["lora_alpha"] / config["r"] == pytest.approx(16 / 12)
         assert config["base_model_name_or_path"] == str(tiny_model_dirs[arch])

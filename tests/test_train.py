@@ -218,7 +218,7 @@ def test_packing_picks_the_sequence_length_with_the_fewest_padding_cells():
 def test_pack_length_defaults_to_one_long_sequence_only_where_attention_skips_other_rows(tiny_model_dir, run_config):
     from transformers import AutoModelForCausalLM
 
-    from multitune.training.loop import _pack_length
+    from multitune.training.batching import pack_length as _pack_length
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     cfg = validate_config(run_config(train={"max_length": 512}))

@@ -25,18 +25,18 @@ from transformers import get_scheduler
 
 from multitune import rundir
 from multitune.config import RunConfig
-from multitune.data.collate import Batch, collate, pack
+from multitune.data.collate import Batch
 from multitune.data.mixing import TaskMixture
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate
 from multitune.evaluation.retention import retention_change, retention_examples, retention_perplexity
 from multitune.lock import RunLock
-from multitune.methods import apply_method, count_parameters, param_groups, task_gated
+from multitune.methods import apply_method, count_parameters, param_groups
 from multitune.methods.task_context import task_context
-from multitune.models.attention import skips_other_rows
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.models.load import load_base, save_trained_model
 from multitune.runtime import compile_layers, eager_layers, threads
+from multitune.training.batching import layout, pack_length, task_losses
 from multitune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
 from multitune.training.early_stopping import restore_best, should_stop
 from multitune.training.metrics_log import LossWindow, MetricsLog, series, truncate_log
@@ -185,7 +185,7 @@ class Recipe:
             if n_compiled == 0:
                 raise MultituneError(f"train.compile: no repeated decoder layers found in {cfg.model}")
             self.say(f"[model] train.compile: {n_compiled} decoder layers compiled (dynamic shapes)")
-        self.pack_length = _pack_length(cfg, model, self.accelerator.device)
+        self.pack_length = pack_length(cfg, model, self.accelerator.device)
 
     def _build_optimizer(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -310,7 +310,7 @@ class Recipe:
                 logp, rows = target_logprobs(self.model, batch)
             row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
             check_finite_loss(row_loss, self.step + 1, self.scheduler.get_last_lr()[0])
-            task_loss, present = _task_losses(row_loss, batch.row_task_ids, len(names))
+            task_loss, present = task_losses(row_loss, batch.row_task_ids, len(names))
             seen = present.nonzero()[:, 0].tolist()
             measure = self.probes.wants_grads(self.step, micro)
             grads = None
@@ -329,11 +329,7 @@ class Recipe:
 
     def batch_of(self, rows: list) -> Batch:
         """Rows laid out as the training steps lay them out (packed by default)."""
-        cfg = self.cfg
-        if not cfg.train.packing:
-            return collate(rows, self.tokenizer.pad_token_id).to(self.accelerator.device)
-        batch = pack(rows, self.tokenizer.pad_token_id, self.pack_length, by_task=task_gated(cfg.method))
-        return batch.to(self.accelerator.device)
+        return layout(rows, self.cfg, self.tokenizer.pad_token_id, self.pack_length).to(self.accelerator.device)
 
     def _log_train(self, grad_norm: float | None) -> None:
         overall, per_task = self.window.flush()
@@ -426,25 +422,6 @@ class Recipe:
         if self.main:
             rundir.write_results(self.run_dir, results, cfg)  # the command prints its table; the library returns it
         return results
-
-
-def _pack_length(cfg: RunConfig, model, device: torch.device) -> int:
-    """`train.pack_length`, or by default 2048 tokens where attention skips the other rows of a
-    packed sequence (a CPU: models/attention.py), `max_length` elsewhere. One sequence of a
-    whole step's rows leaves no padding, where sequences of at most 512 tokens left 5% of the
-    cells. Longer sequences would only add to the mask, (length x length) floats. Where attention
-    computes every row against every other row (CUDA's kernels with a mask), the attention of a
-    sequence costs its length squared, so rows stay in `max_length` sequences there."""
-    if cfg.train.pack_length is not None:
-        return cfg.train.pack_length
-    return max(2048, cfg.train.max_length) if skips_other_rows(model, device) else cfg.train.max_length
-
-
-def _task_losses(row_loss: torch.Tensor, row_tasks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each task's mean row loss (K,) and which tasks the batch has (K,) bool."""
-    sums = torch.zeros(k, dtype=row_loss.dtype, device=row_loss.device).index_add(0, row_tasks, row_loss)
-    counts = torch.bincount(row_tasks, minlength=k)
-    return sums / counts.clamp(min=1), counts > 0
 
 
 def _sizes(rows: dict) -> str:

@@ -22,7 +22,6 @@ from multitune.methods.experts.export import (
     gate_table,
     merge_task,
     plot_gates,
-    task_lora_state,
 )
 from multitune.methods.experts.layer import CgcLoraLinear, ExpertsLinear, MoeLoraLinear
 from multitune.methods.experts.model import CgcLoraModel, ExpertsModel, MoeLoraModel, apply_experts, task_ids
@@ -49,5 +48,4 @@ __all__ = [
     "task_context",
     "task_id",
     "task_ids",
-    "task_lora_state",
 ]

@@ -21,7 +21,6 @@ from multitune.files import atomic_path
 from multitune.methods.experts.config import ExpertsConfig, experts_config, gate_row
 from multitune.methods.experts.layer import ExpertsLinear
 from multitune.methods.experts.model import _StoreScales
-from multitune.methods.lora.export import PREFIX as _LORA_PREFIX
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -43,19 +42,6 @@ def _layers(model: nn.Module, adapter: str) -> list[tuple[str, ExpertsLinear]]:
     if not layers:
         raise MultituneError(f"the model has no task-gated layers of adapter '{adapter}'")
     return layers
-
-
-def task_lora_state(peft_model: nn.Module, task: str) -> tuple[dict[str, torch.Tensor], int]:
-    """(state dict with PEFT LoRA key names, rank) of `task`'s update; `task` may also be a
-    fallback row ("common", "common:<cluster>")."""
-    adapter, cfg = _adapter(peft_model)
-    row = gate_row(cfg, task)
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in _layers(_inner_model(peft_model), adapter):
-        a_t, b_t = layer.task_factors(adapter, row)
-        state[f"{_LORA_PREFIX}{name}.lora_A.weight"] = a_t.contiguous()
-        state[f"{_LORA_PREFIX}{name}.lora_B.weight"] = b_t.contiguous()
-    return state, cfg.layout().row_rank(row)
 
 
 def export_task_lora(peft_model: nn.Module, task: str, out_dir: str | Path) -> Path:
