@@ -11,7 +11,10 @@ from multitune.files import atomic_path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from multitune import __version__
+
     parser = argparse.ArgumentParser(prog="multitune", description="Multi-task fine-tuning of causal LMs.")
+    parser.add_argument("--version", action="version", version=f"multitune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a base model on a mixture of tasks")
@@ -24,24 +27,29 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="per-task metrics of a run (or of the base model: --model base)")
     p.add_argument("target", help="run dir, or a run YAML (then the base model is evaluated)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. eval.max_examples=100")
-    p.add_argument("--model", choices=["trained", "base"], default="trained")
+    p.add_argument("--model", choices=["trained", "base"], default="trained", help="which model (default: trained)")
     p.add_argument("--split", choices=["dev", "test"], help="default: the config's eval.split")
     p.add_argument("--tasks", dest="tasks_from", help="evaluate on the tasks of this run YAML instead")
     p.add_argument("--task-fallback", choices=["common"], help="gate for tasks a task-gated model was not trained on")
 
     p = sub.add_parser("predict", help="JSONL rows in, the same rows with a 'prediction' out")
     p.add_argument("run", help="run dir")
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="the task whose prompt template the rows fill")
     p.add_argument("--input", help="JSONL file (default: standard input)")
     p.add_argument("--output", help="JSONL file (default: standard output)")
-    p.add_argument("--model", choices=["trained", "base"], default="trained")
+    p.add_argument("--model", choices=["trained", "base"], default="trained", help="which model (default: trained)")
     p.add_argument("--tasks", dest="tasks_from", help="take the task definition from this run YAML")
     p.add_argument("--task-fallback", choices=["common"], help="gate for a task a task-gated model was not trained on")
 
     p = sub.add_parser("export", help="write a run's model for serving without multitune")
     p.add_argument("run", help="run dir")
     p.add_argument("--task", help="the task whose update to export (task-gated methods)")
-    p.add_argument("--format", choices=["peft-lora", "merged"], default="peft-lora")
+    p.add_argument(
+        "--format",
+        choices=["peft-lora", "merged"],
+        default="peft-lora",
+        help="peft-lora: a plain LoRA adapter (vLLM, SGLang, LoRAX); merged: full weights (default: peft-lora)",
+    )
     p.add_argument("--out", help="target dir (default: RUN/export/<task>-<format>)")
     p.add_argument("--max-rank", type=int, help="peft-lora: re-factorise a larger update to this rank (truncated SVD)")
 

@@ -343,6 +343,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues(scratch):
     assert proc.returncode == 130, err
     assert "SIGINT at step" in out and "--resume continues" in out
     assert err.strip().splitlines()[-1] == "multitune: interrupted"
+    assert "\r" not in err and "train: " in err  # a log file gets plain progress lines, not a redrawn bar
     ckpts = sorted((scratch / "runs/x/checkpoints").iterdir())
     assert len(ckpts) == 1
     stopped = int(ckpts[0].name.split("-")[1])

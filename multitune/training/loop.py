@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from multitune import rundir
@@ -35,6 +34,7 @@ from multitune.methods import apply_method, count_parameters, param_groups
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.models.load import load_base, save_trained_model
+from multitune.progress import progress
 from multitune.runtime import compile_layers, eager_layers, threads
 from multitune.training.batching import layout, pack_length, task_losses
 from multitune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
@@ -242,7 +242,7 @@ class Recipe:
     def fit(self, stop_after: int | None = None) -> bool:
         """Train to the last step; False when it left early as asked (`stop_after`), with a checkpoint."""
         cfg, acc, k = self.cfg, self.accelerator, len(self.cfg.tasks)
-        bar = tqdm(total=self.steps, initial=self.step, disable=not self.main, dynamic_ncols=True, desc="train")
+        bar = progress(self.steps, "train", initial=self.step, enabled=self.main)
         stop = False
         self.model.train()
         with StopSignals() as signals, bar:  # the bar closes before an error prints
@@ -267,7 +267,7 @@ class Recipe:
                 self.step += 1
                 self.state["seconds"] += time.perf_counter() - t0
                 bar.update(1)
-                bar.set_postfix({t: f"{v:.3f}" for t, v in self.window.running().items()})
+                bar.set_postfix({f"{t} loss": f"{v:.3f}" for t, v in self.window.running().items()})
 
                 if self.step % cfg.train.log_every == 0 or self.step == self.steps:
                     self._log_train(grad_norm)

@@ -76,14 +76,15 @@ def truncate_log(path: Path, step: int, say) -> None:
 
 
 class LossWindow:
-    """Per-task running losses between two log lines (and an EMA for the progress bar)."""
+    """Per-task losses between two log lines: what the next train line of metrics.jsonl records,
+    and what the progress bar shows as it accumulates."""
 
     def __init__(self, tasks: list[str]):
         self.tasks = tasks
         self.sums = {t: 0.0 for t in tasks}
         self.counts = {t: 0 for t in tasks}
         self.tokens = {t: 0 for t in tasks}
-        self.ema: dict[str, float] = {}
+        self.last: dict[str, float] = {}
 
     def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
         """Record one micro-batch; returns its (non-pad tokens, target tokens)."""
@@ -94,18 +95,21 @@ class LossWindow:
             self.sums[t] += loss
             self.counts[t] += 1
             self.tokens[t] += n
-            self.ema[t] = loss if t not in self.ema else 0.9 * self.ema[t] + 0.1 * loss
         return int(sum(row_tokens)), int(rows.numel())
 
     def state_dict(self) -> dict:
         """Sums since the last log line: a resumed run's next log line covers the same steps."""
-        return {"sums": self.sums, "counts": self.counts, "tokens": self.tokens, "ema": self.ema}
+        return {"sums": self.sums, "counts": self.counts, "tokens": self.tokens, "last": self.last}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums, self.counts, self.tokens, self.ema = state["sums"], state["counts"], state["tokens"], state["ema"]
+        self.sums, self.counts, self.tokens = state["sums"], state["counts"], state["tokens"]
+        self.last = state.get("last", {})  # checkpoints of earlier versions kept an EMA instead
 
     def running(self) -> dict[str, float]:
-        return dict(self.ema)
+        """Each task's mean row loss since the last log line (the value that line will record), or
+        the last logged value right after one."""
+        now = {t: self.sums[t] / self.counts[t] for t in self.tasks if self.counts[t]}
+        return {t: now.get(t, self.last.get(t)) for t in self.tasks if t in now or t in self.last}
 
     def flush(self) -> tuple[dict, dict[str, dict]]:
         """(the whole window's loss and rows, per-task loss / rows / tokens); starts a new window."""
@@ -116,6 +120,7 @@ class LossWindow:
         }
         n = sum(self.counts.values())
         overall = {"loss": sum(self.sums.values()) / max(n, 1), "rows": n}
+        self.last.update({t: f["loss"] for t, f in per_task.items()})
         for t in self.tasks:
             self.sums[t], self.counts[t], self.tokens[t] = 0.0, 0, 0
         return overall, per_task
