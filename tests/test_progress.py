@@ -48,3 +48,20 @@ def test_the_bar_shows_what_the_next_log_line_records():
     assert window.running() == shown  # right after the log line: the values it recorded
     window.add(_Batch([1], [3]), torch.tensor([1.5]), torch.zeros(1))
     assert window.running() == {"sst2": 3.0, "rte": 1.5}
+
+
+def test_evaluation_reports_its_progress_per_row(run_config, capsys):
+    from multitune import rundir
+    from multitune.config import validate_config
+    from multitune.evaluation.evaluator import evaluate
+    from multitune.models.load import load_base
+
+    cfg = validate_config(run_config())
+    model, tokenizer = load_base(cfg)
+    rows = rundir.load_examples(cfg, "dev")
+    total = sum(len(r) for r in rows.values())
+    evaluate(model, rundir.make_encoder(cfg, tokenizer), cfg, rows)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval: ")]
+    assert lines[-1].startswith(f"eval: {total}/{total} (100%)") and lines[-1].endswith("| task=rte")
+    quiet = evaluate(model, rundir.make_encoder(cfg, tokenizer), cfg, rows, show_progress=False)
+    assert "eval: " not in capsys.readouterr().err and quiet["tasks"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from multitune.data.encode import IGNORE, Encoded, Encoder
 from multitune.data.sources import Example
 from multitune.methods.task_context import task_context
 from multitune.models.forward import target_logprobs
+from multitune.progress import progress
 from multitune.tasks import metrics
 from multitune.tasks.metric_info import higher_is_better, primary_metric
 
@@ -41,13 +43,16 @@ def predict(
     batch_size: int = 32,
     max_new_tokens: int = 48,
     task_id: int | None = None,
+    done: Callable[[int], object] | None = None,
 ) -> list[dict]:
     """One dict per example: {"prediction": ...} (+ "scores" per label for classification,
     "nll"/"tokens" for text).
 
     `task_id`: the id task-gated layers see (default: the task's own; a fallback id for a task
-    the model was not trained on).
+    the model was not trained on). `done(n)`: called as each batch of n examples is finished
+    (a progress bar).
     """
+    done = done or (lambda n: None)
     was_training = model.training
     model.eval()
     tid = encoder.task_ids[task.name] if task_id is None else task_id
@@ -55,10 +60,12 @@ def predict(
     try:
         with task_context(torch.tensor([tid])):
             if task.kind == "classification":
-                return _classify(model, encoder, task, examples, batch_size)
+                return _classify(model, encoder, task, examples, batch_size, done)
             if task.kind == "text":
-                return text_nll(model, encoder, examples, batch_size)
-            return _generate(model, encoder, examples, batch_size, max_new_tokens)
+                preds = text_nll(model, encoder, examples, batch_size)
+                done(len(examples))
+                return preds
+            return _generate(model, encoder, examples, batch_size, max_new_tokens, done)
     finally:
         model.train(was_training)
 
@@ -198,7 +205,7 @@ class _LabelTree:
         return torch.zeros(logits.shape[0], self.n_labels, device=logits.device).index_add_(1, self.owner, tok)
 
 
-def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -> list[dict]:
+def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size, done=lambda n: None) -> list[dict]:
     """Score every label as a continuation of each prompt.
 
     The prompt goes through the model once (its shared prefix once per call), then all labels'
@@ -229,10 +236,11 @@ def _classify(model, encoder: Encoder, task: TaskConfig, examples, batch_size) -
         for i, row in zip(rows, scores.cpu().tolist(), strict=True):
             best = max(range(len(row)), key=row.__getitem__)
             results[i] = {"prediction": task.labels[best], "scores": dict(zip(task.labels, row, strict=True))}
+        done(len(rows))
     return results
 
 
-def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens) -> list[dict]:
+def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens, done=lambda n: None) -> list[dict]:
     """Batched greedy decoding with the KV cache, starting from the shared prefix's cache.
 
     Rows are decoded `batch_size` at a time, longest prompts first.
@@ -257,6 +265,7 @@ def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens) -> 
         new = out[:, input_ids.shape[1] :]
         for i, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True), strict=True):
             results[i] = {"prediction": text.strip()}
+        done(len(rows))
     return results
 
 
@@ -364,6 +373,7 @@ def evaluate(
     examples: dict[str, list[Example]],
     batch_size: int | None = None,
     gate_ids: dict[str, int] | None = None,
+    show_progress: bool = True,
 ) -> dict:
     """{"tasks": {task: {metric: value, ..., "n": rows}}, "mean": mean primary metric,
     "rows": {task: per-row scores of the primary metric (`row_scores`)}}.
@@ -371,16 +381,21 @@ def evaluate(
     `gate_ids`: task name -> id seen by task-gated layers, when it differs from the run's order
     (tasks of another config, unknown tasks mapped to a fallback gate)."""
     out: dict = {"tasks": {}}
-    for task in cfg.tasks:
-        rows = examples.get(task.name) or []
-        if not rows:
-            continue
-        tid = gate_ids.get(task.name) if gate_ids else None
-        preds = predict(model, encoder, task, rows, batch_size or cfg.eval.batch_size, cfg.eval.max_new_tokens, tid)
-        out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
-        per_row = row_scores(task, rows, preds)
-        if per_row is not None:
-            out.setdefault("rows", {})[task.name] = per_row
+    total = sum(len(examples.get(t.name) or []) for t in cfg.tasks)
+    main = int(os.environ.get("RANK", "0")) == 0  # one bar under `accelerate launch`
+    with progress(total, "eval", enabled=main and show_progress, every=30) as bar:
+        for task in cfg.tasks:
+            rows = examples.get(task.name) or []
+            if not rows:
+                continue
+            bar.set_postfix({"task": task.name})
+            tid = gate_ids.get(task.name) if gate_ids else None
+            size = batch_size or cfg.eval.batch_size
+            preds = predict(model, encoder, task, rows, size, cfg.eval.max_new_tokens, tid, bar.update)
+            out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
+            per_row = row_scores(task, rows, preds)
+            if per_row is not None:
+                out.setdefault("rows", {})[task.name] = per_row
     out["mean"] = mean_primary(cfg, out["tasks"])
     return out
 
