@@ -120,6 +120,9 @@ class Recipe:
     def _load_data(self) -> None:
         cfg = self.cfg
         self.run_dir = rundir.check_output(cfg, overwrite=self.overwrite, resume=self.resume)
+        # every process checks the output before the main process writes anything into it (without
+        # the barrier a slower process found the folder the main process had just created "not empty")
+        self.accelerator.wait_for_everyone()
         if self.resume:
             self.cfg = cfg = rundir.resumed_config(cfg, self.say)
         self.train_rows = rundir.load_examples(cfg, "train")
