@@ -26,7 +26,7 @@ def test_a_run_through_the_python_api(run_config, tmp_path):
     assert done["results"]["tasks"]["sst2"]["n"] == 4 and len(done["results"]["rows"]["sst2"]) == 4
     assert done["saved"].parent == run / "evals" and json.loads(done["saved"].read_text())["fine_tuned"]
     base = multitune.evaluate(raw, base=True)
-    assert base["saved"] is None and base["model"] == "base" and "| task | metric | zero-shot |" in base["table"]
+    assert base["saved"] is None and base["model"] == "base" and "| task | metric | n | zero-shot |" in base["table"]
     assert base["results"]["tasks"] == results["zero_shot"]["tasks"]  # the same model, the same rows
 
     rows = multitune.predict(run, "sst2", [{"text": "a fine film", "id": 7}, {"text": "dull", "id": 8}])

@@ -225,14 +225,14 @@ def test_eval_and_predict_commands(run_config, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "| task | metric | zero-shot | fine-tuned | Δ |" in out
+    assert "| task | metric | n | zero-shot | fine-tuned | Δ |" in out
     after = json.loads((run / "results.json").read_text())
     assert after["fine_tuned"]["tasks"] == before["fine_tuned"]["tasks"]
     assert after["zero_shot"] == before["zero_shot"]
     # zero-shot from the YAML alone, with an override
     assert main(["eval", str(cfg_path), "eval.max_examples=4", "tasks.rte.max_eval_examples=4"]) == 0
     out = capsys.readouterr().out
-    assert "| task | metric | zero-shot |" in out and "fine-tuned" not in out
+    assert "| task | metric | n | zero-shot |" in out and "fine-tuned" not in out
     # predict: JSONL in, JSONL out, order kept
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "a wonderful film", "id": 1}\n{"text": "dreadful", "id": 2}\n')

@@ -289,7 +289,7 @@ def test_eval_with_overrides_keeps_the_runs_results(scratch, capsys):
     assert len(saved) == 1 and saved[0].name.endswith("-trained-dev-n10.json")
     record = json.loads(saved[0].read_text())
     assert {t: m["n"] for t, m in record["fine_tuned"]["tasks"].items()} == {"sst2": 5, "rte": 5}
-    assert "| task | metric | fine-tuned |" in out and "Δ" not in out.split("(no Δ")[0]
+    assert "| task | metric | n | fine-tuned |" in out and "Δ" not in out.split("(no Δ")[0]
     assert "(no Δ: the run's zero-shot column scored other rows: dev sst2 n=16, rte n=16" in out
 
 
