@@ -226,6 +226,10 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
     else:
         how.merge(model, task).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    from multitune.reporting.model_card import model_card
+
+    card = model_card(cfg, rundir.read_results(run_dir), adapter=fmt == "peft-lora", task=task)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
     if out.exists():  # an empty folder the user made for it
         out.rmdir()
     tmp.rename(out)

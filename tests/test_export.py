@@ -120,3 +120,36 @@ def test_dora_and_misplaced_options_are_refused(run_config, tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), "--format", "merged", "--max-rank", "2"]) == 2
     assert "--max-rank re-factorises a LoRA: it goes with --format peft-lora" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), "--format", "merged"]) == 0
+
+
+def test_the_model_and_every_export_carry_a_model_card(run_config, tmp_path):
+    """model/README.md and each export's README.md: the base model, the method, the tasks with
+    their prompts, the results with n, the budget; not PEFT's empty template."""
+    import json
+
+    from multitune.api import export
+    from multitune.config import validate_config
+    from multitune.training.loop import train
+
+    cfg = validate_config(run_config(train={"max_steps": 2}, output=str(tmp_path / "run")))
+    train(cfg)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
+    assert "## Method" in card and "rank: " in card
+    assert "| sst2 | classification | `" in card and "| rte | classification |" in card
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["fine_tuned"]["tasks"]
+    n = results["sst2"]["n"]
+    assert f"| sst2 | accuracy | {n} | " in card and "2 steps of " in card
+    assert "[More Information Needed]" not in card  # PEFT's template
+    out = export(tmp_path / "run", fmt="peft-lora")
+    exported = (out / "README.md").read_text()
+    assert "library_name: peft" in exported and "| sst2 | accuracy |" in exported
+
+
+def test_the_bundled_model_is_named_by_its_real_identity():
+    from multitune.reporting.model_card import model_identity
+
+    identity = model_identity("smollm2-135m-instruct")
+    assert identity["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert identity["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and identity["quantization"] == "Q4_1"
+    assert len(identity["gguf_sha256"]) == 64

@@ -50,7 +50,7 @@ def cache_dir(override: str | None = None) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "multitune"
 
 
-def _bundled_gguf() -> pathlib.Path:
+def bundled_gguf() -> pathlib.Path:
     """The GGUF file of the bundled model, found without importing its package."""
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -156,7 +156,7 @@ def resolve_model_dir(name_or_path: str, cache: str | None = None) -> str:
     if not name:
         raise MultituneError("model name is empty")
     if name == BUNDLED_DEFAULT:
-        return str(_converted_gguf_dir(_bundled_gguf(), cache))
+        return str(_converted_gguf_dir(bundled_gguf(), cache))
     path = pathlib.Path(name).expanduser()
     if path.exists():
         if path.is_file():

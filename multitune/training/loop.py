@@ -29,12 +29,14 @@ from multitune.data.mixing import TaskMixture
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate
 from multitune.evaluation.retention import retention_change, retention_examples, retention_perplexity
+from multitune.files import write_atomic
 from multitune.lock import RunLock
-from multitune.methods import apply_method, count_parameters, param_groups
+from multitune.methods import apply_method, count_parameters, param_groups, saves_adapter
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.models.load import load_base, save_trained_model
 from multitune.progress import progress
+from multitune.reporting.model_card import model_card
 from multitune.runtime import compile_layers, eager_layers, threads
 from multitune.training.batching import layout, pack_length, task_losses
 from multitune.training.checkpoint import load_checkpoint, load_latest, save_checkpoint
@@ -424,6 +426,8 @@ class Recipe:
             self.trackers.log({"final/mean": done["mean"], **series("final", done["tasks"])}, self.step)
         if self.main:
             rundir.write_results(self.run_dir, results, cfg)  # the command prints its table; the library returns it
+            card = model_card(cfg, results, adapter=saves_adapter(cfg.method.name))
+            write_atomic(self.run_dir / rundir.MODEL / "README.md", card)
         return results
 
 
