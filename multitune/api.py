@@ -156,12 +156,16 @@ def predict_parsed(
     return [{**row, **pred} for (_, row), pred in zip(parsed, preds, strict=True)]
 
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def export(
     run_dir: str | Path,
     task: str | None = None,
     fmt: str = "peft-lora",
     out: str | Path | None = None,
     max_rank: int | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Write a run's model for serving without multitune; returns the folder.
 
@@ -172,6 +176,10 @@ def export(
     introduced recorded in the folder's multitune_export.json. merged: full safetensors weights
     with the update merged in (for task-gated experts: task `task`'s).
     """
+    if dtype is not None and dtype not in DTYPES:
+        raise MultituneError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if dtype is not None and fmt != "merged":
+        raise MultituneError("--dtype converts merged weights: it goes with --format merged")
     run_dir = Path(run_dir)
     cfg = rundir.load_run_config(run_dir)
     how = method(cfg.method.name)
@@ -194,10 +202,12 @@ def export(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
     with RunLock(run_dir):
-        return _export(run_dir, cfg, task, fmt, out, max_rank)
+        return _export(run_dir, cfg, task, fmt, out, max_rank, dtype)
 
 
-def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path, max_rank: int | None) -> Path:
+def _export(
+    run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path, max_rank: int | None, dtype: str | None
+) -> Path:
     import shutil
 
     how = method(cfg.method.name)
@@ -224,7 +234,12 @@ def _export(run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path
         record = {"run": str(run_dir), "task": task, "method": how.name, "max_rank": max_rank, **info}
         (tmp / "multitune_export.json").write_text(json.dumps(record, indent=1) + "\n")
     else:
-        how.merge(model, task).save_pretrained(str(tmp))
+        merged = how.merge(model, task)
+        if dtype is not None:  # serving in half precision: half the size, what GPU servers load anyway
+            import torch
+
+            merged = merged.to(getattr(torch, DTYPES[dtype]))
+        merged.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     from multitune.reporting.model_card import model_card
 

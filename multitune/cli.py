@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         help="peft-lora: a plain LoRA adapter (vLLM, SGLang, LoRAX); merged: full weights (default: peft-lora)",
     )
     p.add_argument("--out", help="target dir (default: RUN/export/<task>-<format>)")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="merged: the weights' type (default: the run's, fp32 on CPU)"
+    )
     p.add_argument("--max-rank", type=int, help="peft-lora: re-factorise a larger update to this rank (truncated SVD)")
 
     p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
@@ -207,7 +210,9 @@ def _predict(args) -> int:
 def _export(args) -> int:
     from multitune.api import export
 
-    out = export(Path(args.run), args.task, args.format, Path(args.out) if args.out else None, args.max_rank)
+    out = export(
+        Path(args.run), args.task, args.format, Path(args.out) if args.out else None, args.max_rank, args.dtype
+    )
     print(f"exported {args.format} to {out}")
     record = out / "multitune_export.json"
     if record.is_file():

@@ -153,3 +153,26 @@ def test_the_bundled_model_is_named_by_its_real_identity():
     assert identity["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert identity["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and identity["quantization"] == "Q4_1"
     assert len(identity["gguf_sha256"]) == 64
+
+
+def test_merged_export_in_half_precision(run_config, tmp_path):
+    from safetensors import safe_open
+
+    from multitune.api import export
+    from multitune.config import validate_config
+    from multitune.errors import MultituneError
+    from multitune.training.loop import train
+
+    cfg = validate_config(run_config(train={"max_steps": 1}, eval={"zero_shot": False}, output=str(tmp_path / "run")))
+    train(cfg)
+    full = export(tmp_path / "run", fmt="merged", out=tmp_path / "fp32")
+    half = export(tmp_path / "run", fmt="merged", out=tmp_path / "bf16", dtype="bf16")
+    with safe_open(str(half / "model.safetensors"), "pt") as f, safe_open(str(full / "model.safetensors"), "pt") as g:
+        names = list(f.keys())
+        assert {str(f.get_tensor(n).dtype) for n in names} == {"torch.bfloat16"}
+        for n in names[:3]:
+            assert (f.get_tensor(n).float() - g.get_tensor(n)).abs().max() <= g.get_tensor(n).abs().max() / 128
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+    with pytest.raises(MultituneError, match="--dtype converts merged weights: it goes with --format merged"):
+        export(tmp_path / "run", fmt="peft-lora", dtype="bf16")
