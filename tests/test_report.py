@@ -164,3 +164,16 @@ def test_delta_is_green_where_the_metric_got_better(tiny_model_dir):
     }
     spans = re.findall(r'<span class="(up|down)">([^<]*)</span>', _results(cfg, results))
     assert spans == [("up", "-2.0"), ("up", "+10.0"), ("down", "-10.0")]
+
+
+def test_results_and_report_say_where_the_run_ran(finished_run):
+    import torch
+
+    run, _ = finished_run
+    results = rundir.read_results(run)
+    env = results["environment"]
+    assert env["versions"]["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["cpu_count"] >= 1 and results["train"]["processes"] == 1
+    assert main(["report", str(run), "--out", str(run.parent / "env.html")]) == 0
+    page = (run.parent / "env.html").read_text()
+    assert f"torch {torch.__version__}" in page and "<td>seed</td>" in page

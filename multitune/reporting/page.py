@@ -106,6 +106,24 @@ def _summary(cfg: RunConfig, results: dict, records: list[dict]) -> str:
         items.append(
             ("general-text perplexity", f"{r['before']:.2f} before, {r['after']:.2f} after ({r['change_pct']:+.1f}%)")
         )
+    env = results.get("environment")
+    if env:
+        items.append(("seed", cfg.train.seed))
+        items.append(
+            (
+                "run on",
+                f"{env['date']}, {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+                f"{env['cpu_count']} CPU cores, {env['torch_threads']} torch threads, {env['platform']}",
+            )
+        )
+        items.append(
+            (
+                "versions",
+                ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+                + f", Python {env['python']}"
+                + (f"; git {env['git_commit']}" if env.get("git_commit") else ""),
+            )
+        )
     return "<table>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(str(v))}</td></tr>" for k, v in items) + "</table>"
 
 

@@ -26,6 +26,7 @@ from multitune import rundir
 from multitune.config import RunConfig
 from multitune.data.collate import Batch
 from multitune.data.mixing import TaskMixture
+from multitune.environment import environment
 from multitune.errors import MultituneError
 from multitune.evaluation.evaluator import evaluate
 from multitune.evaluation.retention import retention_change, retention_examples, retention_perplexity
@@ -420,7 +421,9 @@ class Recipe:
             "rows_per_s": round(self.step * self.rows_per_step / seconds, 3),
             "padding_fraction": round(1 - state["tokens"] / max(state["cells"], 1), 4),
             "balance": cfg.train.balance.method,
+            "processes": self.accelerator.num_processes,
         }
+        results["environment"] = environment(self.accelerator.device)
         if "fine_tuned" in results:
             done = results["fine_tuned"]
             self.trackers.log({"final/mean": done["mean"], **series("final", done["tasks"])}, self.step)
