@@ -56,6 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-rank", type=int, help="peft-lora: re-factorise a larger update to this rank (truncated SVD)")
 
+    p = sub.add_parser("chat", help="type to the fine-tuned model: a task's input, or free text; tokens stream")
+    p.add_argument("run", help="run dir")
+    p.add_argument("--task", help="answer as this task (its template, its labels); default: free text")
+    p.add_argument("--model", choices=["trained", "base"], default="trained", help="which model (default: trained)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply in tokens (default: 128)")
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible completions endpoint on localhost; each task a model")
+    p.add_argument("run", help="run dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--model", choices=["trained", "base"], default="trained", help="which model (default: trained)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default max_tokens (default: 128)")
+
     p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
     p.add_argument("run", help="run dir")
 
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "export":
             return _export(args)
+        if args.command in ("chat", "serve"):
+            return _talk(args)
         if args.command == "gates":
             return _gates(args)
         if args.command == "report":
@@ -204,6 +219,44 @@ def _predict(args) -> int:
     finally:
         if args.input:
             source.close()
+    return 0
+
+
+def _talk(args) -> int:
+    from multitune.serving import Session, chat, serve
+
+    session = Session(args.run, base=args.model == "base", max_new_tokens=args.max_new_tokens)
+    if args.command == "serve":
+        server = serve(session, args.host, args.port)
+        host, port = server.server_address[:2]
+        names = ", ".join(
+            [*([] if session.needs_task else [session.name]), *(f"{session.name}:{t}" for t in session.cfg.task_names)]
+        )
+        print(f"serving {names} at http://{host}:{port}/v1 (OpenAI completions); Ctrl-C stops", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+        return 0
+    if args.task is not None:
+        session.cfg.task(args.task)  # an unknown task: one line before the first prompt
+    interactive = sys.stdin.isatty()
+    if interactive:
+        what = f"task {args.task}" if args.task else "free text"
+        print(f"{session.name} ({what}); /exit or Ctrl-D ends", flush=True)
+
+    def lines():
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    chat(session, args.task, lines(), lambda piece: print(piece, end="", flush=True))
     return 0
 
 
