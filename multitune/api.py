@@ -270,8 +270,15 @@ def gates_run(run_dir: Path) -> tuple[str, Path]:
     return "\n".join(lines), png
 
 
-def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the run's HTML report (RUN/report.html, or `out`); returns its path."""
+def report(run_dir: str | Path | list[str | Path], out: str | Path | None = None) -> Path:
+    """Write the run's HTML report (RUN/report.html, or `out`); several runs: one page putting
+    them side by side (`out` needed). Returns its path."""
+    if isinstance(run_dir, list | tuple):
+        if out is None:
+            raise MultituneError("a report of several runs needs --out FILE (it belongs to none of them)")
+        from multitune.reporting.page import write_comparison
+
+        return write_comparison(list(run_dir), out)
     from multitune.reporting import write_report
 
     return write_report(run_dir, out)

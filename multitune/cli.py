@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run dir")
 
     p = sub.add_parser("report", help="one self-contained HTML page of a run: results, curves per task, heatmaps")
-    p.add_argument("run", help="run dir (finished or still training)")
+    p.add_argument("run", nargs="+", help="run dir (finished or still training); several: side by side (needs --out)")
     p.add_argument("--out", help="HTML file (default: RUN/report.html)")
 
     p = sub.add_parser("affinity", help="lookahead task affinity (TAG) over a short run; proposes task clusters")
@@ -286,7 +286,7 @@ def _gates(args) -> int:
 def _report(args) -> int:
     from multitune.api import report
 
-    print(f"report: {report(args.run, args.out)}")
+    print(f"report: {report(args.run if len(args.run) > 1 else args.run[0], args.out)}")
     return 0
 
 

@@ -16,6 +16,7 @@ from conftest import task_rte, task_sst2
 from multitune import rundir
 from multitune.cli import main
 from multitune.config import validate_config
+from multitune.reporting import write_report
 from multitune.reporting.log import RUN_WIDE, read_metrics, series
 from multitune.reporting.tables import results_rows
 from multitune.training.loop import train
@@ -177,3 +178,32 @@ def test_results_and_report_say_where_the_run_ran(finished_run):
     assert main(["report", str(run), "--out", str(run.parent / "env.html")]) == 0
     page = (run.parent / "env.html").read_text()
     assert f"torch {torch.__version__}" in page and "<td>seed</td>" in page
+
+
+def test_the_config_shows_the_keys_set_away_from_their_defaults(finished_run):
+    run, _ = finished_run
+    page = write_report(run, run.parent / "settings.html").read_text()
+    settings = page.split("Settings away from their defaults:")[1].split("</table>")[0]
+    cells = re.findall(r"<td>([^<]*)</td><td>([^<]*)</td>", settings)
+    keys = dict(cells)
+    assert keys["train.max_steps"] == "6" and keys["train.balance.method"] == "dwa" and keys["method.rank"] == "4"
+    assert "train.weight_decay" not in keys and "train.scheduler" not in keys  # left at their defaults
+    assert keys["tasks"] == "sst2, rte"
+
+
+def test_several_runs_side_by_side(finished_run, tmp_path, capsys):
+    run, cfg = finished_run
+    other = cfg.model_copy(deep=True)
+    other.train.lr, other.output = 3e-3, str(tmp_path / "faster")
+    train(other)
+    out = tmp_path / "both.html"
+    assert main(["report", str(run), str(tmp_path / "faster"), "--out", str(out)]) == 0
+    page = out.read_text()
+    differ = page.split("Settings that differ")[1].split("</table>")[0]
+    assert re.findall(r"<td>([^<]*)</td>", differ) == ["train.lr", "0.001", "0.003"]
+    for name in (run, tmp_path / "faster"):
+        done = rundir.read_results(name)["fine_tuned"]["tasks"]["sst2"]
+        assert f"{done['accuracy']:.1f} [" in page and f"(n={done['n']})" in page
+    assert page.count("<img ") == 4  # per task: training loss and dev accuracy, one line per run
+    assert main(["report", str(run), str(tmp_path / "faster")]) == 2
+    assert "needs --out FILE" in capsys.readouterr().err

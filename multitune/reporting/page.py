@@ -16,7 +16,7 @@ from multitune.errors import MultituneError
 from multitune.files import write_atomic
 from multitune.reporting.log import RUN_WIDE, read_metrics, series
 from multitune.reporting.plots import line_chart
-from multitune.reporting.tables import results_rows
+from multitune.reporting.tables import metric_cell, results_rows
 from multitune.tasks.metric_info import higher_is_better, primary_metric
 
 REPORT = rundir.REPORT
@@ -59,17 +59,61 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for name, caption in TEXTS.items():
         if (run_dir / name).is_file():
             body += [f"<h2>{_e(caption)}</h2>", f"<pre>{_e((run_dir / name).read_text(encoding='utf-8'))}</pre>"]
-    body += ["<h2>Configuration</h2>", f"<pre>{_e((run_dir / rundir.CONFIG).read_text(encoding='utf-8'))}</pre>"]
+    config = _e((run_dir / rundir.CONFIG).read_text(encoding="utf-8"))
+    body += ["<h2>Configuration</h2>", _settings(cfg)]
+    body.append(f"<details><summary>the whole config.yaml</summary><pre>{config}</pre></details>")
+    return _write(body, run_dir.name, Path(out) if out is not None else run_dir / REPORT, out is not None)
+
+
+def write_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """One page putting several runs side by side: the settings that differ, each task's primary
+    metric after fine-tuning (with n and its interval), and each task's training loss and dev
+    metric with one line per run."""
+    runs = [Path(r) for r in run_dirs]
+    names = [r.name for r in runs] if len({r.name for r in runs}) == len(runs) else [str(r) for r in runs]
+    cfgs = [rundir.load_run_config(r) for r in runs]
+    results = [rundir.read_results(r) for r in runs]
+    records = [read_metrics(r / rundir.METRICS) for r in runs]
+    body = [f"<h1>{_e(' vs '.join(names))}</h1>", "<h2>Settings that differ</h2>", _differences(names, cfgs)]
+    specs = {t.name: t for cfg in cfgs for t in cfg.tasks}
+    rows = []
+    for task, spec in specs.items():
+        metric = primary_metric(spec)
+        cells = []
+        for done in results:
+            figures = done.get("fine_tuned", {}).get("tasks", {}).get(task)
+            cells.append(f"{metric_cell(figures[metric], metric, figures['n'])} (n={figures['n']})" if figures else "-")
+        rows.append([task, metric, *cells])
+    means = [done.get("fine_tuned", {}).get("mean") for done in results]
+    rows.append(["**mean**", "primary", *(f"{m:.1f}" if m is not None else "-" for m in means)])
+    body += ["<h2>Fine-tuned results</h2>", _table(["task", "metric", *names], rows), "<h2>Curves</h2>"]
+    for task, spec in specs.items():
+        metric = primary_metric(spec)
+        for split, key, title, log_y in (
+            ("train", "loss", "training loss", True),
+            ("dev", metric, f"dev {metric}", False),
+        ):
+            lines = {}
+            for name, recs in zip(names, records, strict=True):
+                found = series(recs, split, key)
+                if task in found:
+                    lines[name] = found[task]
+            if lines:
+                body.append(_img(line_chart(f"{task}: {title}", lines, key, log_y), f"{task} {title}"))
+    return _write(body, " vs ".join(names), Path(out), True)
+
+
+def _write(body: list[str], title: str, target: Path, named: bool) -> Path:
+    """The page, written atomically; a file named by the user is replaced only when it is one of ours."""
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
-        f"<title>{_e(run_dir.name)}: multitune report</title><style>{STYLE}</style></head>\n<body>\n"
+        f"<title>{_e(title)}: multitune report</title><style>{STYLE}</style></head>\n<body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
     )
-    target = Path(out) if out is not None else run_dir / REPORT
     if target.is_dir():
         raise MultituneError(f"report target {target} is a directory: name an .html file")
-    if out is not None and target.is_file() and GENERATOR.encode() not in target.read_bytes()[:4096]:
+    if named and target.is_file() and GENERATOR.encode() not in target.read_bytes()[:4096]:
         raise MultituneError(f"report target {target} exists and is not a multitune report: not replaced")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, page)
@@ -198,3 +242,59 @@ def _img(png: bytes, alt: str) -> str:
 
 def _e(text: str) -> str:
     return html.escape(text, quote=True)
+
+
+def _settings(cfg: RunConfig) -> str:
+    """The keys this run sets away from their defaults (the tasks by name)."""
+    default = _defaults(cfg)
+    flat = _flat(cfg.model_dump(mode="json"))
+    rows = [[k, str(v)] for k, v in flat.items() if not k.startswith("tasks.") and default.get(k, _MISSING) != v]
+    rows.append(["tasks", ", ".join(t.name for t in cfg.tasks)])
+    return "<p>Settings away from their defaults:</p>" + _table(["key", "value"], rows)
+
+
+_MISSING = object()
+
+
+def _defaults(cfg: RunConfig) -> dict:
+    """Every key's default for a config of the same method (each section's own defaults)."""
+    sections = {
+        "method": type(cfg.method)(name=cfg.method.name),
+        "mixing": type(cfg.mixing)(),
+        "train": type(cfg.train)(),
+        "eval": type(cfg.eval)(),
+    }
+    out = {}
+    for name, model in sections.items():
+        out.update(_flat(model.model_dump(mode="json"), f"{name}."))
+    for key, field in RunConfig.model_fields.items():
+        if key not in sections and key != "tasks" and not field.is_required() and field.default_factory is None:
+            out[key] = field.default
+    return out
+
+
+def _differences(names: list[str], cfgs: list[RunConfig]) -> str:
+    flats = [_flat(c.model_dump(mode="json")) for c in cfgs]
+    keys = sorted({k for f in flats for k in f if k != "output"})
+    rows = [[k, *(str(f.get(k, "-")) for f in flats)] for k in keys if len({str(f.get(k, "-")) for f in flats}) > 1]
+    return _table(["key", *names], rows) if rows else "<p>Only their output folders differ.</p>"
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """`a.b.c` keys; a list of named items (tasks) keyed by name."""
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) and "name" in x for x in tree):
+        tree = {x["name"]: {k: v for k, v in x.items() if k != "name"} for x in tree}
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = [f"<td><b>{_e(c.strip('*'))}</b></td>" if c.startswith("**") else f"<td>{_e(c)}</td>" for c in row]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</table>"

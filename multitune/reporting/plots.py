@@ -15,7 +15,7 @@ def line_chart(title: str, lines: dict[str, tuple[list[int], list[float]]], ylab
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
     try:
         for label, (steps, values) in lines.items():
             style = {"color": "k", "linestyle": "--"} if label in OVERALL and len(lines) > 1 else {}
@@ -30,10 +30,10 @@ def line_chart(title: str, lines: dict[str, tuple[list[int], list[float]]], ylab
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if len(lines) > 1:
-            ax.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1, loc="best")
+            ax.legend(fontsize=8, ncol=2 if len(lines) > 6 else 1, loc="best")
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=150)  # sharp on HiDPI screens
         return buf.getvalue()
     finally:
         plt.close(fig)

@@ -30,7 +30,7 @@ def results_rows(results: dict, cfg: RunConfig) -> tuple[list[str], list[list[st
         n_cell = " / ".join(str(n) for n in dict.fromkeys(s for s in sizes if s is not None)) or "-"
         for metric in _metrics_of(task, results, columns):
             vals = [results[c]["tasks"].get(task.name, {}).get(metric) for c in columns]
-            cells = [_cell(v, metric, n) for v, n in zip(vals, sizes, strict=True)]
+            cells = [metric_cell(v, metric, n) for v, n in zip(vals, sizes, strict=True)]
             row = [task.name, metric, n_cell, *cells]
             if both:
                 a, b = vals
@@ -48,7 +48,7 @@ def results_rows(results: dict, cfg: RunConfig) -> tuple[list[str], list[list[st
 PROPORTIONS = ("accuracy", "exact_match")  # a per-row 0/1 outcome: a binomial share of n rows
 
 
-def _cell(value, metric: str, n: int | None) -> str:
+def metric_cell(value, metric: str, n: int | None) -> str:
     if not isinstance(value, int | float):
         return "-"
     if metric in PROPORTIONS and n:
