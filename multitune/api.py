@@ -192,6 +192,11 @@ def export(
             "a DoRA update is not a plain LoRA (its magnitude vector rescales every weight column): "
             "vLLM, SGLang and LoRAX load plain LoRA only; export it with --format merged"
         )
+    if fmt == "merged" and cfg.load_in is not None:
+        raise MultituneError(
+            f"a load_in: {cfg.load_in} run trained on a quantized base: export --format peft-lora, an adapter "
+            "of the full-precision base model"
+        )
     if max_rank is not None and fmt != "peft-lora":
         raise MultituneError("--max-rank re-factorises a LoRA: it goes with --format peft-lora")
     if how.saves_adapter and how.export_lora is None and fmt != "merged":

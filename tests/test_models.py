@@ -264,3 +264,32 @@ def test_bundled_smollm2_gguf(tmp_path, monkeypatch, capsys):
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_quantized_loading_is_refused_where_it_cannot_run(run_config, tmp_path, capsys):
+    """load_in: 4bit needs CUDA and bitsandbytes: on a CPU one line before anything is written;
+    full fine-tuning of a quantized base is a config error."""
+    import torch
+    from conftest import write_yaml
+
+    from multitune.cli import main
+    from multitune.config import validate_config
+    from multitune.errors import MultituneError
+    from multitune.models.load import base_dtype
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CPU refusal does not apply")
+    path = write_yaml(tmp_path / "q.yaml", run_config(output=str(tmp_path / "run")))
+    assert main(["train", str(path), "load_in=4bit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "multitune: error: load_in: 4bit quantizes the base with bitsandbytes, which needs a CUDA GPU; "
+        "on a CPU leave load_in unset (the model loads in float32)"
+    )
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(MultituneError, match="load_in: 4bit freezes the base in quantized form"):
+        validate_config(run_config(load_in="4bit", method={"name": "full"}))
+    lora_bf16 = validate_config(run_config(train={"mixed_precision": "bf16"}))
+    full_bf16 = validate_config(run_config(train={"mixed_precision": "bf16"}, method={"name": "full"}))
+    assert (base_dtype(lora_bf16), base_dtype(full_bf16)) == (torch.bfloat16, torch.float32)
+    assert base_dtype(validate_config(run_config())) == torch.float32

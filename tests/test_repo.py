@@ -27,7 +27,7 @@ def test_nothing_outside_bench_reads_a_sibling_folder():
 
 
 def test_every_example_reads_data_that_ships():
-    for example in sorted((ROOT / "examples").glob("*.yaml")):
+    for example in sorted((ROOT / "examples").rglob("*.yaml")):
         raw = yaml.safe_load(example.read_text())
         for task in raw["tasks"]:
             for split in ("train", "dev", "test"):
@@ -67,3 +67,18 @@ def test_readme_is_a_front_door():
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= 200, len(lines)
     assert "make demo" in lines[7] and "make test" in lines[8]
+
+
+def test_every_example_config_validates():
+    import os
+
+    from multitune.config import load_config
+
+    here = os.getcwd()
+    os.chdir(ROOT)  # example paths are relative to the repository root
+    try:
+        for example in sorted((ROOT / "examples").rglob("*.yaml")):
+            cfg = load_config(example.relative_to(ROOT))
+            assert cfg.tasks, example
+    finally:
+        os.chdir(here)

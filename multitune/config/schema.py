@@ -289,6 +289,9 @@ class RunConfig(Strict):
     model: str = "smollm2-135m-instruct"
     cache_dir: str | None = None
     chat_template: Literal["auto", "on", "off"] = "auto"
+    load_in: Literal["4bit", "8bit"] | None = Field(
+        None, description="load the frozen base quantized with bitsandbytes (QLoRA; CUDA only)"
+    )
     method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
     tasks: list[TaskConfig] = Field(min_length=1)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
@@ -316,6 +319,11 @@ class RunConfig(Strict):
                 raise ValueError(f"mixing.weights names unknown task(s): {', '.join(unknown)}")
         if self.mixing.strategy == "weights" and self.mixing.weights is None:
             raise ValueError("mixing strategy 'weights' needs 'mixing.weights'")
+        if self.load_in is not None and self.method.name in ("full", "freeze"):
+            raise ValueError(
+                f"load_in: {self.load_in} freezes the base in quantized form: train adapters on it "
+                f"(lora, adapter, experts), not {self.method.name}"
+            )
         es = self.train.early_stopping
         if es is not None:
             if es.metric != "mean" and es.metric.split("/")[0] not in names:

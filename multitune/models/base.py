@@ -207,14 +207,43 @@ def load_tokenizer(name_or_path: str, cache: str | None = None) -> PreTrainedTok
     return tok
 
 
-def load_base_model(name_or_path: str, cache: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def quantized_loading(load_in: str) -> dict:
+    """from_pretrained's arguments for a bitsandbytes base; refused where it cannot run."""
+    if not torch.cuda.is_available():
+        raise MultituneError(
+            f"load_in: {load_in} quantizes the base with bitsandbytes, which needs a CUDA GPU; "
+            "on a CPU leave load_in unset (the model loads in float32)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MultituneError(f"load_in: {load_in} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "8bit":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
+
+
+def load_base_model(
+    name_or_path: str, cache: str | None = None, dtype: torch.dtype = torch.float32, load_in: str | None = None
+) -> PreTrainedModel:
     """The causal LM in `dtype`, with grouped-head attention on a CPU (models/attention.py); its
-    config's pad_token_id is set from the tokenizer if missing."""
+    config's pad_token_id is set from the tokenizer if missing. `load_in` "4bit" / "8bit": the
+    weights quantized by bitsandbytes on a CUDA device (QLoRA: NF4, bf16 compute)."""
     name = str(name_or_path).strip()
     resolved = resolve_model_dir(name, cache)
+    extra = quantized_loading(load_in) if load_in else {}
     try:
         # safetensors only: a pickled pytorch_model.bin runs code when loaded
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, use_safetensors=True, **extra)
     except Exception as exc:
         raise _load_error(name, resolved, "model", exc) from exc
     if getattr(model.config, "pad_token_id", None) is None:

@@ -36,7 +36,7 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
             raise MultituneError(
                 f"{model_dir} holds no adapter_model.safetensors (a pickled adapter file is never loaded)"
             )
-        base = load_base_model(base_model_path(cfg), cfg.cache_dir)
+        base = load_base_model(base_model_path(cfg), cfg.cache_dir, dtype=base_dtype(cfg), load_in=cfg.load_in)
         try:
             model = PeftModel.from_pretrained(base, str(model_dir))
         except Exception as e:  # a damaged or foreign adapter: one line, not a traceback
@@ -48,9 +48,23 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
     return model.eval(), tokenizer
 
 
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """The base weights' dtype: bf16 / fp16 under that mixed precision when the base stays frozen
+    (adapters train on top; half the memory of float32 weights), float32 otherwise (full and
+    partial fine-tuning keep float32 master weights, and a CPU computes in float32)."""
+    if cfg.train.mixed_precision != "no" and saves_adapter(cfg.method.name):
+        return torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
+    return torch.float32
+
+
 def load_base(cfg: RunConfig) -> tuple[torch.nn.Module, object]:
     path = base_model_path(cfg)
-    return load_base_model(path, cfg.cache_dir), load_tokenizer(path, cfg.cache_dir)
+    model = load_base_model(path, cfg.cache_dir, dtype=base_dtype(cfg), load_in=cfg.load_in)
+    if cfg.load_in is not None:  # QLoRA: norms in float32, inputs that carry gradients into the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return model, load_tokenizer(path, cfg.cache_dir)
 
 
 def base_model_path(cfg: RunConfig) -> str:
