@@ -19,6 +19,7 @@ from multitune.lock import RunLock
 from multitune.methods.registry import method
 from multitune.models.base import resolve_model_dir
 from multitune.models.load import base_model_path, load_base, load_trained_model, point_adapter_at_base
+from multitune.progress import progress
 from multitune.reporting.tables import results_table
 from multitune.runtime import threads
 
@@ -144,15 +145,17 @@ def predict_parsed(
         model, tokenizer = load_base(cfg) if base else load_trained_model(run_dir, cfg)
         gate_ids = None if base else method(cfg.method.name).task_ids(model, [task.name], task_fallback)
         encoder = rundir.make_encoder(cfg, tokenizer)
-        preds = run_prediction(
-            model,
-            encoder,
-            task,
-            examples,
-            cfg.eval.batch_size,
-            cfg.eval.max_new_tokens,
-            gate_ids[task.name] if gate_ids else None,
-        )
+        with progress(len(examples), "predict", every=30) as bar:
+            preds = run_prediction(
+                model,
+                encoder,
+                task,
+                examples,
+                cfg.eval.batch_size,
+                cfg.eval.max_new_tokens,
+                gate_ids[task.name] if gate_ids else None,
+                bar.update,
+            )
     return [{**row, **pred} for (_, row), pred in zip(parsed, preds, strict=True)]
 
 
