@@ -7,6 +7,7 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
     python bench/quality.py table                                            # docs/results -> markdown tables
+    python bench/quality.py versus cgc-count lora-r16                        # two variants, paired over dev rows
 
 `train` runs `multitune compare` on bench/quality/study.yaml with the variant's overrides, the
 single-task baselines shared by every variant in STUDY/single-r16, and --resume: a stopped study
@@ -152,6 +153,32 @@ def table(args) -> None:
         )
 
 
+def versus(args) -> None:
+    """Variant A against variant B on the same dev rows (collected results): per-task Δ and Δm of A
+    relative to B with 95% paired-bootstrap intervals, as compare reports A against the singles."""
+    from multitune.analysis.bootstrap import paired_bootstrap
+
+    rows = {}
+    for name in (args.a, args.b):
+        path = RESULTS / name / "results.json"
+        if not path.is_file():
+            sys.exit(f"{path} not found: train and collect {name} first")
+        rows[name] = json.loads(path.read_text())["fine_tuned"]
+    a, b = rows[args.a], rows[args.b]
+    boot = paired_bootstrap(a["rows"], b["rows"], {t: True for t in TASKS})
+    print(f"| task | {args.a} | {args.b} | Δ (95% interval) |")
+    print("|---|---|---|---|")
+    for t in TASKS:
+        lo, hi = boot["tasks"][t]["delta"]
+        acc_a, acc_b = a["tasks"][t]["accuracy"], b["tasks"][t]["accuracy"]
+        print(f"| {t} | {acc_a:.2f} | {acc_b:.2f} | {acc_a - acc_b:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+    lo, hi = boot["delta_m"]
+    print(
+        f"\nΔm of {args.a} relative to {args.b}: 95% interval [{lo:+.2f}, {hi:+.2f}]%, "
+        f"{args.a} better in {100 * boot['p_better']:.0f}% of resamples"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="folder of the full data sets (train)")
@@ -167,6 +194,9 @@ def main() -> None:
     sub.add_parser("collect")
     sub.add_parser("restore")
     sub.add_parser("table")
+    p = sub.add_parser("versus")
+    p.add_argument("a", help="a collected variant, e.g. cgc-count")
+    p.add_argument("b", help="the one to compare it with, e.g. lora-r16")
     args = parser.parse_args()
     if args.command == "train":
         if not (args.data and args.runs):
@@ -184,6 +214,8 @@ def main() -> None:
         if not (args.data and args.runs):
             sys.exit("restore needs --data and --runs")
         restore(args)
+    elif args.command == "versus":
+        versus(args)
     else:
         table(args)
 
