@@ -45,7 +45,7 @@ def test_training_reduces_loss_and_writes_the_run(run_config):
     assert len(overall) == 4 and overall[-1] < overall[0] - 0.5, overall
     per_task = {task for _, task, _ in _losses(run)}
     assert per_task == {"*", "sst2", "rte"}
-    assert set(results) == {"zero_shot", "fine_tuned", "train"}
+    assert set(results) == {"zero_shot", "fine_tuned", "train", "environment"}
     assert set(results["fine_tuned"]["tasks"]) == {"sst2", "rte"}
     assert results["fine_tuned"]["tasks"]["sst2"]["n"] == 16
     assert "| sst2 | accuracy |" in (run / "results.md").read_text()
