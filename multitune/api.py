@@ -232,6 +232,10 @@ def _export(
         model.save_pretrained(str(tmp / "adapter"))
         point_adapter_at_base(tmp / "adapter", cfg)
         base, _ = load_base(cfg)
+        if dtype is not None:
+            import torch
+
+            base = base.to(getattr(torch, DTYPES[dtype]))
         base.save_pretrained(str(tmp / "base"))
         tokenizer.save_pretrained(str(tmp / "base"))
     elif fmt == "peft-lora":
