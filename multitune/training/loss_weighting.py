@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ def _number(value: object, what: str, low: float, low_inclusive: bool = True, hi
     return float(value)
 
 
-class Balancer(torch.nn.Module):
+class Balancer(torch.nn.Module, ABC):
     """Base class: combines per-task losses into one scalar; see the module docstring.
 
     Subclasses set ``needs_task_grads`` (False for every loss weighting here: they need only the
@@ -71,16 +72,16 @@ class Balancer(torch.nn.Module):
                 f"got {tuple(losses.shape)} and {tuple(present.shape)} {present.dtype}"
             )
 
+    @abstractmethod
     def combine(self, losses: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """The scalar to backpropagate for one micro-batch."""
-        raise NotImplementedError
 
     def update(self, losses: torch.Tensor, present: torch.Tensor) -> None:
         """Called once per optimizer step, after ``optimizer.step()``; default: nothing to learn."""
 
+    @abstractmethod
     def weights(self) -> dict[str, float]:
         """Current per-task weights, for logging."""
-        raise NotImplementedError
 
 
 class EqualBalancer(Balancer):

@@ -13,6 +13,7 @@ update classes do not change.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class MicroBatch:
     grads: list[torch.Tensor] | None  # per-task gradients of the present tasks (surgery, probes)
 
 
-class StepUpdate:
+class StepUpdate(ABC):
     """The per-step interface the loop calls: backward per micro-batch, then around the optimizer."""
 
     needs_task_grads = False
@@ -69,15 +70,16 @@ class StepUpdate:
             return [{"params": list(self.domain.classifier.parameters()), "lr": lr * self.cfg.train.domain.lr_ratio}]
         return []
 
+    @abstractmethod
     def backward(self, mb: MicroBatch, step: int, backward) -> None:
-        raise NotImplementedError
+        """Gradients of one micro-batch into `.grad` (`backward` is the accelerator's)."""
 
     def before_optimizer(self, backward) -> None:
         if self.l2sp is not None:  # once per optimizer step: pulls the weights back to the pre-trained ones
             backward(self.l2sp.penalty())
 
-    def after_optimizer(self, step_loss: torch.Tensor, step_seen: torch.Tensor) -> None:
-        pass
+    def after_optimizer(self, step_loss: torch.Tensor, step_seen: torch.Tensor) -> None:  # noqa: B027
+        """After `optimizer.step()`, with the step's mean loss per task; default: nothing learns here."""
 
     def figures(self) -> tuple[dict, dict[str, dict]]:
         """(figures of the whole step, per-task figures) since the last log line."""
