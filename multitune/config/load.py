@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,22 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """The config as one level of `a.b.c` keys with scalar values, as trackers take hyperparameters
+    and the report compares settings. Tasks are keyed by name (`tasks.sst2.prompt`); a list of
+    scalars is one JSON string; None stays None (TensorBoard skips it, the others show it)."""
+    out: dict = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for item in value:
+                out.update(flat_config({k: v for k, v in item.items() if k != "name"}, f"{name}.{item['name']}."))
+        elif isinstance(value, dict):
+            out.update(flat_config(value, f"{name}."))
+        elif isinstance(value, list | tuple):
+            out[name] = json.dumps(list(value))
+        else:
+            out[name] = value
+    return out

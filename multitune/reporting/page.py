@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 
 from multitune import rundir
-from multitune.config import RunConfig
+from multitune.config import RunConfig, flat_config
 from multitune.errors import MultituneError
 from multitune.files import write_atomic
 from multitune.reporting.log import RUN_WIDE, read_metrics, series
@@ -247,7 +247,7 @@ def _e(text: str) -> str:
 def _settings(cfg: RunConfig) -> str:
     """The keys this run sets away from their defaults (the tasks by name)."""
     default = _defaults(cfg)
-    flat = _flat(cfg.model_dump(mode="json"))
+    flat = flat_config(cfg.model_dump(mode="json"))
     rows = [[k, str(v)] for k, v in flat.items() if not k.startswith("tasks.") and default.get(k, _MISSING) != v]
     rows.append(["tasks", ", ".join(t.name for t in cfg.tasks)])
     return "<p>Settings away from their defaults:</p>" + _table(["key", "value"], rows)
@@ -266,7 +266,7 @@ def _defaults(cfg: RunConfig) -> dict:
     }
     out = {}
     for name, model in sections.items():
-        out.update(_flat(model.model_dump(mode="json"), f"{name}."))
+        out.update(flat_config(model.model_dump(mode="json"), f"{name}."))
     for key, field in RunConfig.model_fields.items():
         if key not in sections and key != "tasks" and not field.is_required() and field.default_factory is None:
             out[key] = field.default
@@ -274,22 +274,10 @@ def _defaults(cfg: RunConfig) -> dict:
 
 
 def _differences(names: list[str], cfgs: list[RunConfig]) -> str:
-    flats = [_flat(c.model_dump(mode="json")) for c in cfgs]
+    flats = [flat_config(c.model_dump(mode="json")) for c in cfgs]
     keys = sorted({k for f in flats for k in f if k != "output"})
     rows = [[k, *(str(f.get(k, "-")) for f in flats)] for k in keys if len({str(f.get(k, "-")) for f in flats}) > 1]
     return _table(["key", *names], rows) if rows else "<p>Only their output folders differ.</p>"
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    """`a.b.c` keys; a list of named items (tasks) keyed by name."""
-    if isinstance(tree, list) and tree and all(isinstance(x, dict) and "name" in x for x in tree):
-        tree = {x["name"]: {k: v for k, v in x.items() if k != "name"} for x in tree}
-    if isinstance(tree, dict) and tree:
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

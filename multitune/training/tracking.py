@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from multitune import rundir
+from multitune.config import flat_config
 from multitune.errors import MultituneError
 
 # config name -> (module to import, what to pip install)
@@ -45,25 +46,6 @@ def check_installed(names: list[str]) -> None:
         module, package = TRACKERS[name]
         if importlib.util.find_spec(module) is None:
             raise MultituneError(f"train.report_to: {name} is not installed; pip install {package}")
-
-
-def flat_config(config: dict, prefix: str = "") -> dict:
-    """The config as one level of `a.b.c` keys with scalar values, as every tracker takes
-    hyperparameters. Tasks are keyed by name (`tasks.sst2.prompt`); a list of scalars is one
-    JSON string; None stays None (TensorBoard skips it, the others show it)."""
-    out: dict = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-            for item in value:
-                out.update(flat_config({k: v for k, v in item.items() if k != "name"}, f"{name}.{item['name']}."))
-        elif isinstance(value, dict):
-            out.update(flat_config(value, f"{name}."))
-        elif isinstance(value, list | tuple):
-            out[name] = json.dumps(list(value))
-        else:
-            out[name] = value
-    return out
 
 
 class Trackers:
