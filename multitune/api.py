@@ -202,10 +202,12 @@ def export(
         )
     if max_rank is not None and fmt != "peft-lora":
         raise MultituneError("--max-rank re-factorises a LoRA: it goes with --format peft-lora")
-    if how.saves_adapter and how.export_lora is None and fmt != "merged":
-        raise MultituneError(
-            f"{how.no_lora}: its PEFT adapter is {Path(run_dir) / rundir.MODEL} (load it with multitune imported)"
-        )
+    if fmt not in ("peft-lora", "merged"):
+        raise MultituneError(f"unknown export format '{fmt}': use peft-lora or merged")
+    if fmt == "peft-lora" and how.export_lora is None:  # refused before any model loads
+        where = Path(run_dir) / rundir.MODEL
+        extra = f": its PEFT adapter is {where} (load it with multitune imported)" if how.saves_adapter else ""
+        raise MultituneError(how.no_lora + extra)
     out = Path(out) if out is not None else rundir.child(run_dir / rundir.EXPORT, f"{task or how.name}-{fmt}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MultituneError(f"export target {out} is not empty")
@@ -223,8 +225,6 @@ def _export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if fmt not in ("peft-lora", "merged"):
-        raise MultituneError(f"unknown export format '{fmt}': use peft-lora or merged")
     if fmt == "merged" and how.merge is None:  # a non-linear adapter: the base and the adapter side by side
         from multitune.methods.adapter import MERGE_ERROR
 
@@ -232,26 +232,15 @@ def _export(
         model.save_pretrained(str(tmp / "adapter"))
         point_adapter_at_base(tmp / "adapter", cfg)
         base, _ = load_base(cfg)
-        if dtype is not None:
-            import torch
-
-            base = base.to(getattr(torch, DTYPES[dtype]))
-        base.save_pretrained(str(tmp / "base"))
+        _cast(base, dtype).save_pretrained(str(tmp / "base"))
         tokenizer.save_pretrained(str(tmp / "base"))
     elif fmt == "peft-lora":
-        if how.export_lora is None:
-            raise MultituneError(how.no_lora.format(name=how.name))
         base = resolve_model_dir(base_model_path(cfg), cfg.cache_dir)
         info = how.export_lora(model, cfg, task, tmp, base, max_rank)
         record = {"run": str(run_dir), "task": task, "method": how.name, "max_rank": max_rank, **info}
         (tmp / "multitune_export.json").write_text(json.dumps(record, indent=1) + "\n")
     else:
-        merged = how.merge(model, task)
-        if dtype is not None:  # serving in half precision: half the size, what GPU servers load anyway
-            import torch
-
-            merged = merged.to(getattr(torch, DTYPES[dtype]))
-        merged.save_pretrained(str(tmp))
+        _cast(how.merge(model, task), dtype).save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     from multitune.reporting.model_card import model_card
 
@@ -261,6 +250,15 @@ def _export(
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def _cast(model, dtype: str | None):
+    """Weights in `dtype` for serving: half precision is half the size, what GPU servers load anyway."""
+    if dtype is None:
+        return model
+    import torch
+
+    return model.to(getattr(torch, DTYPES[dtype]))
 
 
 def gates_run(run_dir: Path) -> tuple[str, Path]:

@@ -118,6 +118,10 @@ def _apply_freeze(model, cfg, tasks):
     return apply_freeze(model, cfg)
 
 
+def _full_weights(name: str) -> str:
+    return f"a '{name}' run has no adapter to export: use --format merged"
+
+
 def _names_and_clusters(tasks) -> tuple[list[str], dict[str, str] | None]:
     return [t.name for t in tasks], ({t.name: t.cluster for t in tasks if t.cluster is not None} or None)
 
@@ -133,7 +137,6 @@ _GATED = {
     "export_lora": _export_experts,
     "merge": _merge_experts,
 }
-_FULL_WEIGHTS = "a '{name}' run has no adapter to export: use --format merged"
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -155,8 +158,10 @@ METHODS: dict[str, Method] = {
             task_ids=_adapter_task_ids,
             no_lora="an adapter run has no LoRA to export",
         ),
-        Method("full", _apply_full, saves_adapter=False, merges=True, merge=lambda m, t: m, no_lora=_FULL_WEIGHTS),
-        Method("freeze", _apply_freeze, saves_adapter=False, merges=True, merge=lambda m, t: m, no_lora=_FULL_WEIGHTS),
+        *(
+            Method(name, apply, saves_adapter=False, merges=True, merge=lambda m, t: m, no_lora=_full_weights(name))
+            for name, apply in (("full", _apply_full), ("freeze", _apply_freeze))
+        ),
     )
 }
 GATED = tuple(name for name, m in METHODS.items() if m.gated)

@@ -91,8 +91,8 @@ class Recipe:
         self.main = self.accelerator.is_main_process
         self.say = print if self.main else (lambda *a, **k: None)
         self.step = 0
-        self.state = {"best": None, "best_step": None, "bad_evals": 0, "tokens": 0, "target_tokens": 0}
-        self.state.update(cells=0, seconds=0.0)
+        # what a checkpoint keeps besides the weights: early stopping's record and the throughput counts
+        self.state = dict(best=None, best_step=None, bad_evals=0, tokens=0, target_tokens=0, cells=0, seconds=0.0)
 
     # --- setup -----------------------------------------------------------------------------
 
