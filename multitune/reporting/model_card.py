@@ -4,6 +4,7 @@ command that made it. PEFT's `save_pretrained` writes an empty template there; t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -32,12 +33,20 @@ def model_identity(name: str) -> dict:
 
 
 def _gguf(path: Path) -> dict:
+    st = path.stat()
+    return dict(_gguf_facts(str(path.resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_facts(path: str, size: int, mtime_ns: int) -> tuple:
+    """Hashed once per process and file version (a 100 MB read), not at every save and export."""
+    path = Path(path)
     quant = path.stem.rsplit(".", 1)[-1] if "." in path.stem else "unknown"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"gguf_file": path.name, "quantization": quant, "gguf_sha256": digest.hexdigest()}
+    return (("gguf_file", path.name), ("quantization", quant), ("gguf_sha256", digest.hexdigest()))
 
 
 def model_card(cfg: RunConfig, results: dict, adapter: bool, task: str | None = None) -> str:
