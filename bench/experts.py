@@ -1,12 +1,15 @@
 """Training-step time of task-gated LoRA experts against plain LoRA of the same rank, in one process.
 
-Compares: plain PEFT LoRA rank r; our stacked moe_lora and cgc_lora at the same r with E experts;
-and a reference "loop over experts" layer (one small LoRA module per expert, each applied in
-turn, as MOELoRA's public code does). A step is forward + backward + AdamW on a fixed batch of
-random token ids with a mixed-task batch. Prints the median ms/step and the ratio to plain LoRA.
+Compares: plain PEFT LoRA rank r; our stacked moe_lora, cgc_lora and lora_experts (share A or B)
+at the same rank budget r with E experts; mtl_lora with E up-projections of rank r / E (so they
+hold the parameters of the LoRA's B, as lora_experts' do); and a reference "loop over experts"
+layer (one small LoRA module per expert, each applied in turn, as MOELoRA's public code does).
+A step is forward + backward + AdamW on a fixed batch of random token ids with a mixed-task batch.
+Prints the median ms/step and the ratio to plain LoRA.
 
     python bench/experts.py --quick                               # tiny random Llama (hidden 512, 4 layers)
     python bench/experts.py --model smollm2-135m-instruct --quick --experts 1 16 --batch 4   # the real model
+    python bench/experts.py --methods lora_experts_A lora_experts_B mtl_lora --experts 2 4 8  # some of them
 
 Every variant holds its own copy of the model and the allocator keeps each one's peak: on a 24 GiB
 machine the real model runs 9 variants at batch 4 (`--experts 1 16 --batch 4`), not all 19.
@@ -31,6 +34,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from multitune.methods.experts import apply_experts, split_rank
+from multitune.methods.shared_factor import apply_shared_factor
 from multitune.methods.task_context import require_task_context, rows_for, task_context
 
 # PEFT's get_peft_model reads transformers' deprecated `is_gradient_checkpointing`
@@ -38,6 +42,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 N_TASKS = 4
 EXPERTS = (1, 2, 4, 8, 16)
+EXPERT_METHODS = ("moe_lora", "cgc_lora", "lora_experts_A", "lora_experts_B", "mtl_lora", "loop")
 
 
 def tiny_llama() -> nn.Module:
@@ -107,6 +112,12 @@ def build(base: nn.Module, method: str, experts: int, rank: int, alpha: float) -
         return apply_experts(model, "moe_lora", tasks, None, say=None, experts=experts, **common)
     if method == "cgc_lora":
         return apply_experts(model, "cgc_lora", tasks, None, say=None, common_experts=experts, task_experts=1, **common)
+    if method in ("lora_experts_A", "lora_experts_B"):  # the experts split the rank budget
+        share = method[-1]
+        return apply_shared_factor(model, "lora_experts", tasks, say=None, share=share, experts=experts, **common)
+    if method == "mtl_lora":  # r = rank / n: the n stacked B_i hold the parameters of LoRA r=rank's B
+        common["rank"] = rank // experts
+        return apply_shared_factor(model, "mtl_lora", tasks, say=None, up_projections=experts, **common)
     if method == "loop":
         return apply_loop(model, experts, rank, alpha)
     if method.startswith("adapter_"):  # bottleneck adapters (reduction factor 16), for comparison
@@ -152,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(EXPERT_METHODS), choices=EXPERT_METHODS, help="expert methods to time"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batch {args.batch} x {args.length} tokens, rank {args.rank}, median of {repeats} steps after {warmup}")
     print("the variants take turns step by step, so a change in machine load hits them all alike")
     variants = [("lora", 0), ("adapter_pfeiffer", 0), ("adapter_houlsby", 0)]
-    variants += [(m, e) for m in ("moe_lora", "cgc_lora", "loop") for e in args.experts]
+    variants += [(m, e) for m in args.methods for e in args.experts]
     runners = [Runner(build(base, method, experts, args.rank, args.alpha), ids, tasks) for method, experts in variants]
     for _ in range(warmup):
         for runner in runners:
@@ -194,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
             "loop": "loop over experts (reference)",
             "adapter_pfeiffer": "bottleneck adapter, pfeiffer (r=16 reduction)",
             "adapter_houlsby": "bottleneck adapter, houlsby (r=16 reduction)",
+            "lora_experts_A": "lora_experts, share A (HydraLoRA)",
+            "lora_experts_B": "lora_experts, share B",
+            "mtl_lora": f"mtl_lora, r = {args.rank} / n",
         }.get(method, method)
         print(f"| {label} | {total if total else '-'} | {ms:.1f} | {ms / lora_ms:.2f} |")
 

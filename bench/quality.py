@@ -3,6 +3,7 @@ LoRA per task, with the whole dev split of every task.
 
     python bench/quality.py --data DIR --runs STUDY train lora-r16            # singles + multi-task, seed 0
     python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
+    python bench/quality.py --data DIR --runs STUDY train lora-r16 --merge cat  # + the singles merged
     python bench/quality.py --data DIR --runs STUDY zero-shot                # the base model, whole dev splits
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
@@ -16,6 +17,7 @@ run's config.yaml and results.json, and each variant's compare.json / compare.md
 docs/results/, so nothing has to be trained twice; `restore` puts the collected single-task
 results back under a new STUDY folder (compare reuses a run whose results.json is finished, so the
 baselines are not trained again on another machine); `table` rebuilds the tables from there.
+`--merge` needs the single-task runs' weights, which restored results do not have: train them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ VARIANTS = {
     "pcgrad": ["train.balance=pcgrad"],
     "imtl_g": ["train.balance=imtl_g"],
     "adapter": ["method.name=adapter", "method.bottleneck=64"],
+    "lora-experts-A": ["method.name=lora_experts", "method.share=A", "method.experts=4"],
+    "lora-experts-B": ["method.name=lora_experts", "method.share=B", "method.experts=4"],
+    "mtl-lora": ["method.name=mtl_lora", "method.rank=8", "method.alpha=16", "method.up_projections=3"],
 }
 
 
@@ -58,7 +63,8 @@ def train_variant(args) -> None:
     overrides = [*data_overrides(args.data), *VARIANTS[args.variant], *args.set, f"output={out}"]
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    done = compare_run(STUDY, overrides, singles=str(Path(args.runs) / SINGLES), resume=True, seeds=args.seeds)
+    singles = str(Path(args.runs) / SINGLES)
+    done = compare_run(STUDY, overrides, singles=singles, resume=True, seeds=args.seeds, merge=args.merge)
     print(done["text"])
 
 
@@ -151,6 +157,15 @@ def table(args) -> None:
             f"| {variant} | {n} | {cells} | {sum(accs) / len(accs):.1f} | "
             f"{c['delta_m']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
         )
+        if "merged" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
+            m = c["merged"]
+            accs = [m["tasks"][t]["multi"] for t in TASKS]
+            lo, hi = m.get("delta_m_interval", [float("nan")] * 2)
+            cells = " | ".join(f"{a:.1f}" for a in accs)
+            print(
+                f"| merged single-task LoRAs ({m['method']}) | {n} | {cells} | {sum(accs) / len(accs):.1f} | "
+                f"{m['delta_m']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | 0 |"
+            )
 
 
 def versus(args) -> None:
@@ -190,6 +205,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--set", nargs="*", default=[], help="more overrides (e.g. train.lr=1e-3)")
     p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
+    p.add_argument("--merge", help="also merge the single-task LoRAs with this method (e.g. cat) and compare")
     sub.add_parser("zero-shot")
     sub.add_parser("collect")
     sub.add_parser("restore")

@@ -12,7 +12,7 @@ The functions are imported on first use, so `import multitune` itself loads no m
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["train", "evaluate", "predict", "export", "report", "affinity", "compare", "MultituneError"]
+__all__ = ["train", "evaluate", "predict", "export", "report", "affinity", "compare", "merge", "MultituneError"]
 
 
 def __getattr__(name: str):

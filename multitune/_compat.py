@@ -37,7 +37,7 @@ def _missing(library: str, what: str) -> MultituneError:
     )
 
 
-# --- PEFT: methods that live outside PEFT's tree (moe_lora, cgc_lora, adapter) ---------------
+# --- PEFT: methods that live outside PEFT's tree (moe_lora, cgc_lora, lora_experts, mtl_lora, adapter)
 
 
 def extend_peft_type(name: str):

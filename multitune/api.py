@@ -268,16 +268,25 @@ def gates_run(run_dir: Path) -> tuple[str, Path]:
     cfg = rundir.load_run_config(run_dir)
     if not method(cfg.method.name).gated:
         raise MultituneError(f"a '{cfg.method.name}' run has no gates (only {', '.join(GATED)} do)")
-    from multitune.methods.experts import expert_names, gate_table, plot_gates
+    from multitune.methods.experts import plot_gates
 
     model, _ = load_trained_model(run_dir, cfg)
-    table = gate_table(model)
-    names = expert_names(model)
+    names, table = method(cfg.method.name).gates(model)
     png = plot_gates(table, Path(run_dir) / rundir.GATES_PNG, names)
     lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for task, weights in table.items():
         lines.append(f"| {task} | " + " | ".join(f"{w:.3f}" for w in weights) + " |")
     return "\n".join(lines), png
+
+
+def merge(runs: list[str | Path], output: str | Path, **options) -> dict:
+    """Combine LoRA runs into one adapter with PEFT's add_weighted_adapter and evaluate it on every
+    task (`multitune merge`): the merged run's results.json content, with its table as "text";
+    options: method, weights, density, rank, seed, overwrite (see multitune/merging.py)."""
+    from multitune.merging import merge_runs, merged_text
+
+    results = merge_runs(runs, output, **options)
+    return {**results, "text": merged_text(results, rundir.load_run_config(output))}
 
 
 def report(run_dir: str | Path | list[str | Path], out: str | Path | None = None) -> Path:
@@ -305,7 +314,8 @@ def affinity(config: str | Path | dict | RunConfig, overrides: list[str] | None 
 
 def compare(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, **options) -> dict:
     """Single-task baselines against the multi-task run (`multitune compare`): per-task deltas,
-    Δm, intervals, and the table as "text"; options: singles, reuse, overwrite, resume, seeds."""
+    Δm, intervals, and the table as "text"; options: singles, reuse, overwrite, resume, seeds, merge
+    (also merge the single-task LoRAs with this method and compare that model too)."""
     from multitune.analysis.experiments import compare_run
 
     return compare_run(config, overrides, **options)

@@ -69,8 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["trained", "base"], default="trained", help="which model (default: trained)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default max_tokens (default: 128)")
 
-    p = sub.add_parser("gates", help="gate weights per task of a moe_lora / cgc_lora run (table + heatmap)")
+    p = sub.add_parser(
+        "gates", help="weights per task over the experts of a moe_lora, cgc_lora, lora_experts or mtl_lora run"
+    )
     p.add_argument("run", help="run dir")
+
+    # the merge methods are named here, not imported: the parser stays free of torch (checked in merging.py)
+    merge_methods = "cat (the exact sum), svd, linear, ties, dare_ties, dare_linear, magnitude_prune"
+    p = sub.add_parser("merge", help="combine LoRA runs (e.g. one per task) into one adapter, then evaluate every task")
+    p.add_argument("runs", nargs="+", help="finished LoRA run dirs, two or more")
+    p.add_argument("--output", required=True, help="run dir of the merged model")
+    p.add_argument("--method", default="cat", help=f"how to combine: {merge_methods}; default: cat")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per run (default: 1 each)")
+    p.add_argument("--density", type=float, help="ties / dare_* / magnitude_prune: share of values kept (default 0.5)")
+    p.add_argument("--rank", type=int, help="svd: rank of the merged adapter (default: the largest run's)")
+    p.add_argument("--seed", type=int, default=0, help="dare_*: seed of the random drop (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
 
     p = sub.add_parser("report", help="one self-contained HTML page of a run: results, curves per task, heatmaps")
     p.add_argument("run", nargs="+", help="run dir (finished or still training); several: side by side (needs --out)")
@@ -93,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="read finished runs instead of training them again")
     p.add_argument(
         "--seeds", type=int, nargs="+", help="train every run once per seed: mean ± std, intervals of seed means"
+    )
+    p.add_argument(
+        "--merge", metavar="METHOD", help=f"also merge the single-task LoRAs ({merge_methods}) and compare that model"
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs of runs it trains")
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return _talk(args)
         if args.command == "gates":
             return _gates(args)
+        if args.command == "merge":
+            return _merge(args)
         if args.command == "report":
             return _report(args)
         if args.command == "affinity":
@@ -283,6 +302,23 @@ def _gates(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from multitune.api import merge
+
+    results = merge(
+        args.runs,
+        args.output,
+        method=args.method,
+        weights=args.weights,
+        density=args.density,
+        rank=args.rank,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(results["text"])
+    return 0
+
+
 def _report(args) -> int:
     from multitune.api import report
 
@@ -320,6 +356,7 @@ def _compare(args) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             seeds=args.seeds,
+            merge=args.merge,
         )["text"]
     )
     return 0

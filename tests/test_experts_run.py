@@ -118,3 +118,36 @@ def test_moe_lora_trains_and_counts_like_lora(run_config):
     assert n_moe == n_lora + (2 + 4) * d
     results = train(moe)
     assert results["train"]["steps"] == 2 and results["train"]["trainable_parameters"] == n_moe
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "mtl_lora", "rank": 4, "alpha": 8, "dropout": 0.0, "up_projections": 2},
+        {"name": "lora_experts", "share": "B", "rank": 8, "alpha": 8, "dropout": 0.0, "experts": 2},
+    ],
+    ids=["mtl_lora", "lora_experts-B"],
+)
+def test_shared_factor_run_trains_exports_and_shows_its_weights(run_config, tmp_path, capsys, method):
+    path = write_yaml(tmp_path / "run.yaml", run_config(method=method, train={"max_steps": 4, "lr": 2e-2}))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "run"
+    cfg = rundir.load_run_config(run)
+    model, tok = load_trained_model(run, cfg)
+    ids = tok("Premise: it rains. Hypothesis: it is wet.", return_tensors="pt").input_ids
+    rte = _logits(model, ids, 1)
+    assert not torch.allclose(rte, _logits(load_base_model(cfg.model), ids), atol=1e-4), "training moved rte's update"
+
+    assert main(["export", str(run), "--task", "rte", "--format", "peft-lora"]) == 0
+    from peft import PeftModel
+
+    out = run / "export/rte-peft-lora"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    plain = PeftModel.from_pretrained(load_base_model(cfg.model), str(out)).eval()
+    assert (plain(input_ids=ids).logits - rte).abs().max().item() <= 1e-4
+
+    capsys.readouterr()
+    assert main(["gates", str(run)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| rte |")]
+    assert len(lines) == 1 and sum(float(x) for x in lines[0].split("|")[2:-1]) == pytest.approx(1.0, abs=1e-3)
+    assert (run / "gates.png").stat().st_size > 1000

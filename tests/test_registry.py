@@ -33,10 +33,12 @@ def test_balancing_choices_come_from_the_one_table():
 
 def test_what_each_method_says_of_itself():
     saves = {name for name, m in METHODS.items() if m.saves_adapter}
-    assert saves == {"lora", "moe_lora", "cgc_lora", "adapter"}
-    assert {name for name, m in METHODS.items() if m.per_task} == {"moe_lora", "cgc_lora"}
+    per_task = {"moe_lora", "cgc_lora", "lora_experts", "mtl_lora"}
+    assert saves == {"lora", "adapter", *per_task}
+    assert {name for name, m in METHODS.items() if m.per_task} == per_task
+    assert {name for name, m in METHODS.items() if m.gates} == per_task == set(GATED)
     assert {name for name, m in METHODS.items() if m.merges and not m.per_task} == {"lora", "full", "freeze"}
-    assert {name for name, m in METHODS.items() if m.export_lora} == {"lora", "moe_lora", "cgc_lora"}
+    assert {name for name, m in METHODS.items() if m.export_lora} == {"lora", *per_task}
     adapter = config.AdapterMethod(name="adapter")
     assert not method("adapter").reads_task(adapter)
     assert method("adapter").reads_task(adapter.model_copy(update={"per_task": "task"}))

@@ -73,6 +73,7 @@ def compare_run(
     overwrite: bool = False,
     resume: bool = False,
     seeds: list[int] | None = None,
+    merge: str | None = None,
 ) -> dict:
     """Train one single-task run per task (same method, budget and settings; each sees as many
     rows of its task as the multi-task run does) and the multi-task run, then compare them: per-task
@@ -86,8 +87,17 @@ def compare_run(
     finished runs and continue interrupted ones from their last checkpoint (a study that takes
     hours survives being stopped). `seeds`: train every run once per seed, in
     `<output>/seed-<s>` and `<singles>/<task>/seed-<s>`; the table shows mean ± std over seeds and
-    the interval of the seed-averaged per-row scores."""
+    the interval of the seed-averaged per-row scores. `merge`: also merge each seed's single-task
+    LoRAs with this method (multitune/merging.py) into `<output>-merged-<method>` and compare that
+    model with the same baselines ("merged" in compare.json, a second table in the text)."""
     cfg = as_config(config, overrides)
+    if merge is not None:
+        from multitune.merging import MERGE_METHODS
+
+        if merge not in MERGE_METHODS:
+            raise MultituneError(f"unknown merge method '{merge}'; choose one of: {', '.join(MERGE_METHODS)}")
+        if cfg.method.name != "lora":
+            raise MultituneError(f"--merge combines single-task LoRA runs; this run's method is {cfg.method.name}")
     singles_dir = Path(singles or f"{cfg.output}-single")
     sizes = {t: len(rows) for t, rows in rundir.load_examples(cfg, "train").items()}
     missing = [t.name for t in cfg.tasks if t.name not in sizes]
@@ -100,20 +110,31 @@ def compare_run(
     share = mixture_probabilities(sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights)
     single_runs: dict[str, list[dict]] = {t: [] for t in cfg.task_names}
     multi_runs: list[dict] = []
+    merged_runs: list[dict] = []
     for seed in seeds or [cfg.train.seed]:
+        seed_singles = []
         for task in cfg.tasks:
-            out = rundir.child(singles_dir, task.name)
-            single = _single_task_config(cfg, task.name, share[task.name], _seed_dir(out, seed, seeds))
+            out = _seed_dir(rundir.child(singles_dir, task.name), seed, seeds)
+            single = _single_task_config(cfg, task.name, share[task.name], out)
             single.train.seed = seed
             single_runs[task.name].append(_fine_tuned(single, reuse, overwrite, resume))
+            seed_singles.append(out)
         multi = cfg.model_copy(deep=True)
         multi.train.seed, multi.output = seed, str(_seed_dir(Path(cfg.output), seed, seeds))
         multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume))
+        if merge is not None:
+            merged_dir = _seed_dir(Path(f"{cfg.output}-merged-{merge}"), seed, seeds)
+            merged_runs.append(_merged(seed_singles, merged_dir, merge, reuse, overwrite, resume))
     metric = {t.name: primary_metric(t) for t in cfg.tasks}
     higher = {t: higher_is_better(m) for t, m in metric.items()}
     summary = compare_seeds(multi_runs, single_runs, metric, higher)
     summary["seeds"] = seeds or [cfg.train.seed]
-    text = _compare_text(summary, metric, cfg.train.balance.method)
+    text = _compare_text(summary, metric, f"{cfg.train.balance.method} balance")
+    if merge is not None:
+        summary["merged"] = compare_seeds(merged_runs, single_runs, metric, higher)
+        summary["merged"].update(seeds=summary["seeds"], method=merge)
+        merged_text = _compare_text(summary["merged"], metric, f"{merge} merge", "merged LoRAs")
+        text += f"\n\nMerged single-task LoRAs ({merge}, {cfg.output}-merged-{merge}):\n\n{merged_text}"
     with RunLock(cfg.output):
         write_atomic(Path(cfg.output) / rundir.COMPARE_JSON, json.dumps(summary, indent=1) + "\n")
         write_atomic(Path(cfg.output) / rundir.COMPARE_MD, text + "\n")
@@ -167,14 +188,14 @@ def compare_seeds(
     return out
 
 
-def _compare_text(summary: dict, metric: dict[str, str], balance: str) -> str:
+def _compare_text(summary: dict, metric: dict[str, str], how: str, label: str = "multi-task") -> str:
     n = len(summary["seeds"])
 
     def value(mean: float, std: float) -> str:
         return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
     lines = [
-        "| task | metric | single-task | multi-task | Δ | Δ % | 95% interval of Δ (dev rows) |",
+        f"| task | metric | single-task | {label} | Δ | Δ % | 95% interval of Δ (dev rows) |",
         "|---|---|---|---|---|---|---|",
     ]
     for t, row in summary["tasks"].items():
@@ -184,11 +205,11 @@ def _compare_text(summary: dict, metric: dict[str, str], balance: str) -> str:
         lines.append(f"| {t} | {metric[t]} | {single} | {multi} | {delta} | {interval} |")
     seeds = f" over {n} seeds (mean ± std)" if n > 1 else ""
     dm = f"Δm {summary['delta_m']:+.2f}%" + (f" ± {summary['delta_m_std']:.2f}" if n > 1 else "")
-    line = f"\n{dm}{seeds} ({balance} balance)"
+    line = f"\n{dm}{seeds} ({how})"
     if "delta_m_interval" in summary:
         lo, hi = summary["delta_m_interval"]
         better = 100 * summary["p_better"]
-        line += f"; 95% interval [{lo:+.2f}, {hi:+.2f}]%, multi-task better in {better:.0f}% of resamples"
+        line += f"; 95% interval [{lo:+.2f}, {hi:+.2f}]%, {label} better in {better:.0f}% of resamples"
     worst = summary["worst_task"]
     line += (
         f"; {summary['below_baseline']} of {len(metric)} tasks below their single-task baseline; "
@@ -224,3 +245,17 @@ def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = Fal
     what = "continuing" if started else "training"
     print(f"[compare] {what} {run_dir} ({', '.join(cfg.task_names)}, {cfg.train.max_steps or 'epochs'} steps)")
     return train(cfg, overwrite=overwrite, resume=started)["fine_tuned"]
+
+
+def _merged(singles: list[Path], out: Path, method: str, reuse: bool, overwrite: bool, resume: bool) -> dict:
+    """The merged single-task LoRAs' `fine_tuned` results, merged unless reused."""
+    from multitune.merging import merge_runs
+
+    if (reuse or resume) and (out / rundir.RESULTS).is_file():
+        done = rundir.read_results(out).get("fine_tuned")
+        if done:
+            print(f"[compare] reusing {out}")
+            return done
+    print(f"[compare] merging {len(singles)} single-task runs ({method}) into {out}")
+    # a merge that stopped before its results is redone: it is a run dir of ours, and cheap
+    return merge_runs(singles, out, method=method, overwrite=overwrite or resume)["fine_tuned"]

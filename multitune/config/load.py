@@ -20,8 +20,10 @@ from multitune.config.schema import (
     CgcLoraMethod,
     FreezeMethod,
     FullMethod,
+    LoraExpertsMethod,
     LoraMethod,
     MoeLoraMethod,
+    MtlLoraMethod,
     RunConfig,
 )
 from multitune.errors import MultituneError
@@ -155,6 +157,8 @@ _METHODS = {
     "freeze": FreezeMethod,
     "moe_lora": MoeLoraMethod,
     "cgc_lora": CgcLoraMethod,
+    "lora_experts": LoraExpertsMethod,
+    "mtl_lora": MtlLoraMethod,
     "adapter": AdapterMethod,
 }
 

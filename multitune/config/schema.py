@@ -139,6 +139,39 @@ class CgcLoraMethod(LowRankBudget):
     gate_norm: Literal["softmax", "count"] = Field("softmax", description=GATE_NORM)
 
 
+class LoraExpertsMethod(LowRankBudget):
+    """Shared-factor experts (HydraLoRA with a task-id gate, share: A; its mirror, share: B): one
+    factor shared by all tasks, the other split into `experts` that each task mixes with its own
+    softmax weights; the experts split the rank budget."""
+
+    name: Literal["lora_experts"]
+    share: Literal["A", "B"] = "A"
+    experts: int = Field(4, ge=1, le=1024)
+    temperature: float = Field(1.0, gt=0, description="a task's weights are softmax(z_t / temperature)")
+
+    @model_validator(mode="after")
+    def _rank_splits(self) -> LoraExpertsMethod:
+        if self.rank % self.experts:  # every expert multiplies the same shared factor: one rank for all
+            low = self.rank - self.rank % self.experts
+            ranks = f"{low} or {low + self.experts}" if low else f"{self.experts}"
+            raise ValueError(
+                f"rank {self.rank} does not split evenly over {self.experts} experts (each multiplies the same "
+                f"shared factor, so all need one rank); use rank {ranks}"
+            )
+        return self
+
+
+class MtlLoraMethod(LowRankBudget):
+    """MTL-LoRA: a shared A of rank `rank`, a task transform Lambda_t (rank x rank), and
+    `up_projections` shared B_i mixed by each task's softmax weights."""
+
+    name: Literal["mtl_lora"]
+    rank: int = Field(8, ge=1, le=BIG, description="r: the rank of A and of every B_i (not split)")
+    alpha: float = 16.0  # alpha / r = 2, as the default LoRA's 32 / 16
+    up_projections: int = Field(3, ge=1, le=1024)
+    temperature: float = Field(0.1, gt=0, description="a task's weights are softmax(z_t / temperature) (paper: 0.1)")
+
+
 class AdapterMethod(Strict):
     """Bottleneck adapters: h <- h + up(act(down(h))) after the MLP (pfeiffer), after attention and MLP
     (houlsby), or beside the MLP (parallel); optionally one adapter per task or per cluster."""
@@ -153,10 +186,17 @@ class AdapterMethod(Strict):
 
 
 MethodConfig = Annotated[
-    LoraMethod | FullMethod | FreezeMethod | MoeLoraMethod | CgcLoraMethod | AdapterMethod,
+    LoraMethod
+    | FullMethod
+    | FreezeMethod
+    | MoeLoraMethod
+    | CgcLoraMethod
+    | LoraExpertsMethod
+    | MtlLoraMethod
+    | AdapterMethod,
     Field(discriminator="name"),
 ]
-EXPERT_METHODS = ("moe_lora", "cgc_lora")
+EXPERT_METHODS = ("moe_lora", "cgc_lora", "lora_experts", "mtl_lora")
 
 
 class MixingConfig(Strict):

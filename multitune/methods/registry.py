@@ -27,12 +27,13 @@ class Method:
     saves_adapter: bool  # the run saves a PEFT adapter on the base (else full weights)
     merges: bool = False  # the update folds into the weights: `merged` export, a later stage's base
     per_task: bool = False  # one update per task: export and merge need a task
-    gated: bool = False  # has a gate per task (`multitune gates`)
+    gated: bool = False  # has a gate per task (`multitune gates`, which calls `gates`)
     reads_task: Callable[[Any], bool] = lambda cfg: False  # layers read each row's task (packing by task)
     task_ids: Callable[..., dict[str, int] | None] = lambda model, names, fallback: None
     export_lora: Callable[..., dict] | None = None  # (model, cfg, task, out, base, max_rank) -> info
     merge: Callable[..., nn.Module] | None = None  # (model, task) -> plain transformers model
     no_lora: str = ""  # why `--format peft-lora` cannot export it
+    gates: Callable[..., tuple[list[str], dict[str, list[float]]]] | None = None  # model -> (experts, task -> weights)
 
 
 # --- lora ---------------------------------------------------------------------------------
@@ -80,6 +81,48 @@ def _merge_experts(model, task):
     from multitune.methods.experts import merge_task
 
     return merge_task(model, task)
+
+
+def _experts_gates(model):
+    from multitune.methods.experts import expert_names, gate_table
+
+    return expert_names(model), gate_table(model)
+
+
+# --- shared-factor experts (lora_experts, mtl_lora) ----------------------------------------------
+
+
+def _apply_shared_factor(model, cfg, tasks):
+    from multitune.methods.shared_factor import apply_shared_factor
+    from multitune.methods.targets import resolve_targets
+
+    options = cfg.model_dump(exclude={"name"})
+    options["targets"] = resolve_targets(model, cfg.targets)
+    return apply_shared_factor(model, cfg.name, [t.name for t in tasks], **options)
+
+
+def _shared_factor_task_ids(model, names, fallback):
+    from multitune.methods.shared_factor import task_id
+
+    return {name: task_id(model, name, fallback) for name in names}
+
+
+def _export_shared_factor(model, cfg, task, out: Path, base: Path, max_rank):
+    from multitune.methods.shared_factor import export_task_lora_info
+
+    return export_task_lora_info(model, task, out, base, max_rank)[1]
+
+
+def _merge_shared_factor(model, task):
+    from multitune.methods.shared_factor import merge_task
+
+    return merge_task(model, task)
+
+
+def _shared_factor_gates(model):
+    from multitune.methods.shared_factor import expert_names, gate_table
+
+    return expert_names(model), gate_table(model)
 
 
 # --- bottleneck adapters --------------------------------------------------------------------
@@ -136,6 +179,15 @@ _GATED = {
     "task_ids": _experts_task_ids,
     "export_lora": _export_experts,
     "merge": _merge_experts,
+    "gates": _experts_gates,
+}
+_SHARED_FACTOR = {
+    **_GATED,
+    "apply": _apply_shared_factor,
+    "task_ids": _shared_factor_task_ids,
+    "export_lora": _export_shared_factor,
+    "merge": _merge_shared_factor,
+    "gates": _shared_factor_gates,
 }
 METHODS: dict[str, Method] = {
     m.name: m
@@ -150,6 +202,8 @@ METHODS: dict[str, Method] = {
         ),
         Method("moe_lora", **_GATED),
         Method("cgc_lora", **_GATED),
+        Method("lora_experts", **_SHARED_FACTOR),
+        Method("mtl_lora", **_SHARED_FACTOR),
         Method(
             "adapter",
             _apply_adapter,

@@ -30,6 +30,7 @@ def load_trained_model(run_dir: str | Path, cfg: RunConfig) -> tuple[torch.nn.Mo
 
         import multitune.methods.adapter  # noqa: F401  (registers adapter with PEFT)
         import multitune.methods.experts  # noqa: F401  (registers moe_lora / cgc_lora with PEFT)
+        import multitune.methods.shared_factor  # noqa: F401  (registers lora_experts / mtl_lora with PEFT)
         from multitune.methods.lora.layer import fuse_lora_layers
 
         if not (model_dir / "adapter_model.safetensors").is_file():
