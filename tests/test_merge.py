@@ -164,6 +164,13 @@ def test_compare_merge_adds_the_merged_model_beside_joint_training(run_config, t
     assert summary["merged"]["delta_m"] == pytest.approx(sum(rel.values()) / 2)
     assert "Merged single-task LoRAs (cat" in out and "| task | metric | single-task | merged LoRAs |" in out
     assert f"Δm {summary['merged']['delta_m']:+.2f}% (cat merge)" in out
+    # the report sets both tables out as tables, the summary lines as text
+    assert main(["report", str(tmp_path / "run")]) == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    section = page.split("<h2>Single-task vs multi-task</h2>")[1].split("<h2>")[0]
+    assert section.count("<table>") == 2 and "<pre>" not in section and "|" not in section
+    assert "<th>merged LoRAs</th>" in section and "<p>Merged single-task LoRAs (cat" in section
+    assert f"<td>{summary['tasks']['rte']['single']:.2f}</td>" in section
     # reused on a second call, not merged again
     assert main(["compare", str(cfg), "--merge", "cat", "--reuse"]) == 0
     assert f"[compare] reusing {tmp_path / 'run-merged-cat'}" in capsys.readouterr().out

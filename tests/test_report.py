@@ -207,3 +207,48 @@ def test_several_runs_side_by_side(finished_run, tmp_path, capsys):
     assert page.count("<img ") == 4  # per task: training loss and dev accuracy, one line per run
     assert main(["report", str(run), str(tmp_path / "faster")]) == 2
     assert "needs --out FILE" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# as Debian's chromium needs them headless as root on a machine without a network
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_the_page_renders_in_a_real_browser_with_nothing_from_outside(finished_run, tmp_path):
+    """Headless Chromium opens the report: every image decodes, every request stays in the file
+    (no network), no script error; a full-page screenshot is kept for a human to look at."""
+    from playwright.sync_api import sync_playwright
+
+    run, cfg = finished_run
+    page_path = write_report(run)
+    requests, errors = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=2)
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(page_path.as_uri(), wait_until="load")
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        text = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert len(images) == len(_images(page_path.read_text())) >= 4
+    assert all(complete and width >= 300 for _, complete, width in images), [i for i in images if i[2] < 300]
+    assert requests[0] == page_path.as_uri() and all(u.startswith("data:") for u in requests[1:]), requests
+    assert errors == []
+    lines = text.splitlines()
+    for task in cfg.task_names:  # the results table as a reader sees it: task, metric, n, ...
+        done = rundir.read_results(run)["fine_tuned"]["tasks"][task]
+        assert any(line.startswith(f"{task}\taccuracy\t{done['n']}\t") for line in lines), lines
+    shot = matplotlib.image.imread(str(tmp_path / "report.png"))
+    assert shot.shape[1] == 2560 and shot.shape[0] > 1800  # HiDPI, and the whole page, not one screen

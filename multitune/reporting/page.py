@@ -58,7 +58,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             body += [f"<h2>{_e(caption)}</h2>", _img((run_dir / name).read_bytes(), caption)]
     for name, caption in TEXTS.items():
         if (run_dir / name).is_file():
-            body += [f"<h2>{_e(caption)}</h2>", f"<pre>{_e((run_dir / name).read_text(encoding='utf-8'))}</pre>"]
+            body += [f"<h2>{_e(caption)}</h2>", _markdown((run_dir / name).read_text(encoding="utf-8"))]
     config = _e((run_dir / rundir.CONFIG).read_text(encoding="utf-8"))
     body += ["<h2>Configuration</h2>", _settings(cfg)]
     body.append(f"<details><summary>the whole config.yaml</summary><pre>{config}</pre></details>")
@@ -278,6 +278,25 @@ def _differences(names: list[str], cfgs: list[RunConfig]) -> str:
     keys = sorted({k for f in flats for k in f if k != "output"})
     rows = [[k, *(str(f.get(k, "-")) for f in flats)] for k in keys if len({str(f.get(k, "-")) for f in flats}) > 1]
     return _table(["key", *names], rows) if rows else "<p>Only their output folders differ.</p>"
+
+
+def _markdown(text: str) -> str:
+    """compare.md / affinity.md as HTML: their pipe tables as tables, every other line a paragraph.
+    Ours rather than a markdown package: the two files hold nothing else, and a dependency for
+    them would be more code than this."""
+    out, table = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):  # not the separator row
+                table.append(cells)
+            continue
+        if table:
+            out.append(_table(table[0], table[1:]))
+            table = []
+        if line.strip():
+            out.append(f"<p>{_e(line.strip())}</p>")
+    return "".join(out)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
