@@ -145,6 +145,27 @@ def drop_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+@contextlib.contextmanager
+def no_gguf_tensor_bar() -> Iterator[None]:
+    """transformers dequantizes a GGUF file's tensors under a bare tqdm bar that no logging switch
+    turns off, which a log file receives as one line of carriage returns; the caller reports the
+    conversion's progress itself (models/base.py), so the bar is replaced by the plain iterable."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - the conversion itself reports a missing piece
+        yield
+        return
+    if not hasattr(gguf_utils, "tqdm"):
+        yield  # a transformers without the bar: nothing to replace
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def sdpa_pieces():
     """transformers' SDPA attention forward and mask builder, which the query-block attention
     falls back to and registers beside."""

@@ -234,7 +234,12 @@ def test_half_written_cache_is_not_reused(fake_gguf, tiny_model_dir):
 def test_bundled_smollm2_gguf(tmp_path, monkeypatch, capsys):
     cache = str(tmp_path / "cache")
     model_dir = Path(resolve_model_dir(BUNDLED_DEFAULT, cache=cache))
-    assert "converting" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "converting" in err
+    # not a terminal: one plain progress line per step of the conversion, no carriage returns
+    steps = [line for line in err.splitlines() if line.startswith("converting the GGUF file: ")]
+    assert [line.split(" | ")[1] for line in steps] == ["done=tokenizer", "done=weights dequantized", "done=saved"]
+    assert steps[-1].startswith("converting the GGUF file: 3/3 (100%)") and "\r" not in err
     assert model_dir.parent == Path(cache) / "gguf"
     assert (model_dir / "model.safetensors").is_file()
     assert (model_dir / "config.json").is_file()
