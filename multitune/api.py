@@ -218,10 +218,18 @@ def export(
 def _export(
     run_dir: Path, cfg: RunConfig, task: str | None, fmt: str, out: Path, max_rank: int | None, dtype: str | None
 ) -> Path:
+    with progress(3, "export", every=0.0) as bar:  # minutes for a large model on a CPU: a line per step
+        _export_steps(run_dir, cfg, task, fmt, out, max_rank, dtype, bar)
+    return out
+
+
+def _export_steps(run_dir: Path, cfg: RunConfig, task, fmt: str, out: Path, max_rank, dtype, bar) -> None:
     import shutil
 
     how = method(cfg.method.name)
     model, tokenizer = load_trained_model(run_dir, cfg)
+    bar.set_postfix({"done": "model loaded"})
+    bar.update()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -241,6 +249,8 @@ def _export(
         (tmp / "multitune_export.json").write_text(json.dumps(record, indent=1) + "\n")
     else:
         _cast(how.merge(model, task), dtype).save_pretrained(str(tmp))
+    bar.set_postfix({"done": f"{fmt} weights written"})
+    bar.update()
     tokenizer.save_pretrained(str(tmp))
     from multitune.reporting.model_card import model_card
 
@@ -249,7 +259,8 @@ def _export(
     if out.exists():  # an empty folder the user made for it
         out.rmdir()
     tmp.rename(out)
-    return out
+    bar.set_postfix({"done": "tokenizer and model card"})
+    bar.update()
 
 
 def _cast(model, dtype: str | None):

@@ -117,7 +117,7 @@ def test_compare_with_seeds_end_to_end(run_config, tmp_path, capsys):
     assert out.rstrip().endswith((tmp_path / "run" / "compare.md").read_text().strip())
     # a second call reuses all six runs
     assert main(["compare", str(cfg), "--seeds", "0", "1", "--resume"]) == 0
-    assert capsys.readouterr().out.count("[compare] reusing") == 6
+    assert capsys.readouterr().out.count(" reusing ") == 6
     assert main(["compare", str(cfg), "--seeds", "0", "0"]) == 2
     assert main(["compare", str(cfg), "--seeds", "-1"]) == 2
     assert "--seeds must be integers from 0 to 2**32 - 1: [-1]" in capsys.readouterr().err

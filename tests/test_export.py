@@ -92,7 +92,9 @@ def test_max_rank_reports_the_error_it_introduced(run_config, tiny_model_dir, tm
     run = tmp_path / "run"
     capsys.readouterr()
     assert main(["export", str(run), "--max-rank", "2", "--out", str(tmp_path / "r2")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    steps = [line.split(" | ")[1] for line in err.splitlines() if line.startswith("export: ")]
+    assert steps == ["done=model loaded", "done=peft-lora weights written", "done=tokenizer and model card"]
     config = check_server_rules(tmp_path / "r2", tiny_model_dir)
     assert config["r"] == 2 and config["lora_alpha"] == 2.0
     # the error, recomputed from the run's own factors with a full SVD of every layer's update

@@ -173,7 +173,7 @@ def test_compare_merge_adds_the_merged_model_beside_joint_training(run_config, t
     assert f"<td>{summary['tasks']['rte']['single']:.2f}</td>" in section
     # reused on a second call, not merged again
     assert main(["compare", str(cfg), "--merge", "cat", "--reuse"]) == 0
-    assert f"[compare] reusing {tmp_path / 'run-merged-cat'}" in capsys.readouterr().out
+    assert f"[compare] 4/4 reusing {tmp_path / 'run-merged-cat'}" in capsys.readouterr().out
     capsys.readouterr()
     bad = run_config(method={"name": "moe_lora", "rank": 4, "experts": 2})
     assert main(["compare", str(write_yaml(tmp_path / "moe.yaml", bad)), "--merge", "cat"]) == 2

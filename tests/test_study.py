@@ -1,6 +1,7 @@
 """`multitune affinity` and `multitune compare` on a tiny model."""
 
 import json
+import re
 
 import pytest
 from conftest import task_rte, task_sst2, write_yaml
@@ -78,7 +79,8 @@ def test_compare_trains_baselines_and_reports_delta_m(run_config, tmp_path, caps
         == 0
     )
     out = capsys.readouterr().out
-    assert out.count("[compare] reusing") == 2 and "[compare] training" in out and "(pcgrad balance)" in out
+    steps = re.findall(r"\[compare\] (\d)/3 (reusing|training)", out)  # k of N runs, a run at a time
+    assert steps == [("1", "reusing"), ("2", "reusing"), ("3", "training")] and "(pcgrad balance)" in out
 
 
 def test_study_errors_are_one_line(run_config, tmp_path, capsys):

@@ -111,20 +111,22 @@ def compare_run(
     single_runs: dict[str, list[dict]] = {t: [] for t in cfg.task_names}
     multi_runs: list[dict] = []
     merged_runs: list[dict] = []
+    n_seeds = len(seeds or [cfg.train.seed])
+    count = {"done": 0, "total": n_seeds * (len(cfg.tasks) + 1 + (merge is not None))}  # for "[compare] k/N"
     for seed in seeds or [cfg.train.seed]:
         seed_singles = []
         for task in cfg.tasks:
             out = _seed_dir(rundir.child(singles_dir, task.name), seed, seeds)
             single = _single_task_config(cfg, task.name, share[task.name], out)
             single.train.seed = seed
-            single_runs[task.name].append(_fine_tuned(single, reuse, overwrite, resume))
+            single_runs[task.name].append(_fine_tuned(single, reuse, overwrite, resume, count))
             seed_singles.append(out)
         multi = cfg.model_copy(deep=True)
         multi.train.seed, multi.output = seed, str(_seed_dir(Path(cfg.output), seed, seeds))
-        multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume))
+        multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume, count))
         if merge is not None:
             merged_dir = _seed_dir(Path(f"{cfg.output}-merged-{merge}"), seed, seeds)
-            merged_runs.append(_merged(seed_singles, merged_dir, merge, reuse, overwrite, resume))
+            merged_runs.append(_merged(seed_singles, merged_dir, merge, reuse, overwrite, resume, count))
     metric = {t.name: primary_metric(t) for t in cfg.tasks}
     higher = {t: higher_is_better(m) for t, m in metric.items()}
     summary = compare_seeds(multi_runs, single_runs, metric, higher)
@@ -233,29 +235,40 @@ def _single_task_config(cfg: RunConfig, task: str, share: float, output: Path) -
     return single
 
 
-def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = False) -> dict:
+def _step(count: dict | None) -> str:
+    """'k/N ' for compare's k-th of N runs (each run shows its own progress bar)."""
+    if count is None:
+        return ""
+    count["done"] += 1
+    return f"{count['done']}/{count['total']} "
+
+
+def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = False, count: dict | None = None) -> dict:
     """The run's `fine_tuned` results (metrics and per-row scores), trained unless reused."""
     run_dir = Path(cfg.output)
     if (reuse or resume) and (run_dir / rundir.RESULTS).is_file():
         done = rundir.read_results(run_dir).get("fine_tuned")
         if done:
-            print(f"[compare] reusing {run_dir}")
+            print(f"[compare] {_step(count)}reusing {run_dir}")
             return done
     started = resume and (run_dir / rundir.CONFIG).is_file()
     what = "continuing" if started else "training"
-    print(f"[compare] {what} {run_dir} ({', '.join(cfg.task_names)}, {cfg.train.max_steps or 'epochs'} steps)")
+    steps = cfg.train.max_steps or "epochs"
+    print(f"[compare] {_step(count)}{what} {run_dir} ({', '.join(cfg.task_names)}, {steps} steps)")
     return train(cfg, overwrite=overwrite, resume=started)["fine_tuned"]
 
 
-def _merged(singles: list[Path], out: Path, method: str, reuse: bool, overwrite: bool, resume: bool) -> dict:
+def _merged(
+    singles: list[Path], out: Path, method: str, reuse: bool, overwrite: bool, resume: bool, count: dict | None = None
+) -> dict:
     """The merged single-task LoRAs' `fine_tuned` results, merged unless reused."""
     from multitune.merging import merge_runs
 
     if (reuse or resume) and (out / rundir.RESULTS).is_file():
         done = rundir.read_results(out).get("fine_tuned")
         if done:
-            print(f"[compare] reusing {out}")
+            print(f"[compare] {_step(count)}reusing {out}")
             return done
-    print(f"[compare] merging {len(singles)} single-task runs ({method}) into {out}")
+    print(f"[compare] {_step(count)}merging {len(singles)} single-task runs ({method}) into {out}")
     # a merge that stopped before its results is redone: it is a run dir of ours, and cheap
     return merge_runs(singles, out, method=method, overwrite=overwrite or resume)["fine_tuned"]
