@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -175,6 +176,8 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     results = train(cfg, overwrite=args.overwrite, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one of several processes (accelerate launch / torchrun): the main one reports
     if "fine_tuned" in results:
         print(results_table(results, cfg))
     print(f"run saved in {cfg.output}")

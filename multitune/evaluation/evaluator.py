@@ -381,7 +381,8 @@ def evaluate(
     `gate_ids`: task name -> id seen by task-gated layers, when it differs from the run's order
     (tasks of another config, unknown tasks mapped to a fallback gate)."""
     out: dict = {"tasks": {}}
-    total = sum(len(examples.get(t.name) or []) for t in cfg.tasks)
+    rank, world = _rank_and_world()
+    total = sum(len((examples.get(t.name) or [])[rank::world]) for t in cfg.tasks)
     main = int(os.environ.get("RANK", "0")) == 0  # one bar under `accelerate launch`
     with progress(total, "eval", enabled=main and show_progress, every=30) as bar:
         for task in cfg.tasks:
@@ -391,13 +392,39 @@ def evaluate(
             bar.set_postfix({"task": task.name})
             tid = gate_ids.get(task.name) if gate_ids else None
             size = batch_size or cfg.eval.batch_size
-            preds = predict(model, encoder, task, rows, size, cfg.eval.max_new_tokens, tid, bar.update)
+            # sharded: each process predicts every world-th row, then all of them hold all predictions
+            mine = predict(model, encoder, task, rows[rank::world], size, cfg.eval.max_new_tokens, tid, bar.update)
+            preds = _gathered(mine, len(rows), world)
             out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
             per_row = row_scores(task, rows, preds)
             if per_row is not None:
                 out.setdefault("rows", {})[task.name] = per_row
     out["mean"] = mean_primary(cfg, out["tasks"])
     return out
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the process count of a started process group (training under
+    `accelerate launch` / torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(mine: list, n_rows: int, world: int) -> list:
+    """Every process's predictions of its rows (rank r: rows r, r + world, ...) in row order."""
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    preds: list = [None] * n_rows
+    for rank, part in enumerate(parts):
+        preds[rank::world] = part
+    return preds
 
 
 def mean_primary(cfg: RunConfig, task_scores: dict[str, dict]) -> float | None:

@@ -217,7 +217,13 @@ class Recipe:
         self.mixture = TaskMixture(
             sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights, cfg.train.seed
         )
-        self.window = LossWindow(cfg.task_names)
+        reduce_sum = None
+        if acc.num_processes > 1:  # every process's rows in the logged losses
+
+            def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+                return acc.reduce(t.to(acc.device), reduction="sum").cpu()
+
+        self.window = LossWindow(cfg.task_names, reduce_sum)
         set_seed(cfg.train.seed)
 
     def _restore(self) -> None:
@@ -270,6 +276,7 @@ class Recipe:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.update.after_optimizer(step_loss, step_seen)
+                self.window.end_step()
                 self.step += 1
                 self.state["seconds"] += time.perf_counter() - t0
                 bar.update(1)
@@ -351,7 +358,27 @@ class Recipe:
             **overall,
             **update_record,
         }
+        if self.accelerator.num_processes > 1:
+            record["rank_spread"] = self._rank_spread()
         self.log.write(record, per_task)
+
+    def _rank_spread(self) -> float:
+        """How far apart the processes' trainable weights are (the largest difference of their sum
+        and sum of squares, relative to it): DDP keeps them equal, and a run whose processes
+        drifted apart is no longer one run, so it stops (a collective call, at every log step)."""
+        acc = self.accelerator
+        with torch.no_grad():
+            mine = torch.stack(
+                [sum(p.double().sum() for p in self.params), sum(p.double().square().sum() for p in self.params)]
+            )
+        every = acc.gather(mine.to(acc.device).unsqueeze(0)).cpu()  # (processes, 2)
+        spread = float(((every.max(0).values - every.min(0).values) / every.abs().max(0).values.clamp_min(1e-30)).max())
+        if spread > 1e-9:
+            raise MultituneError(
+                f"the {acc.num_processes} processes hold different weights at step {self.step} "
+                f"(relative spread {spread:.3g}): they no longer train one model"
+            )
+        return spread
 
     def _evaluate_dev(self) -> bool:
         """Dev metrics (and retention) at this step; True when early stopping says stop."""

@@ -79,23 +79,42 @@ class LossWindow:
     """Per-task losses between two log lines: what the next train line of metrics.jsonl records,
     and what the progress bar shows as it accumulates."""
 
-    def __init__(self, tasks: list[str]):
+    def __init__(self, tasks: list[str], reduce_sum=None):
+        """`reduce_sum` (several processes: a tensor summed over them, e.g. Accelerator.reduce):
+        each step's figures are added up over the processes at its end (`end_step`), so every
+        process holds the window of all rows, which the main process logs and checkpoints."""
         self.tasks = tasks
         self.sums = {t: 0.0 for t in tasks}
         self.counts = {t: 0 for t in tasks}
         self.tokens = {t: 0 for t in tasks}
         self.last: dict[str, float] = {}
+        self.reduce_sum = reduce_sum
+        self._step = torch.zeros(len(tasks), 3, dtype=torch.float64)  # this process's rows of the step
 
     def add(self, batch, row_loss: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
         """Record one micro-batch; returns its (non-pad tokens, target tokens)."""
         tids = batch.row_task_ids.tolist()
         row_tokens = batch.row_tokens().tolist()
         for tid, loss, n in zip(tids, row_loss.tolist(), row_tokens, strict=True):
+            if self.reduce_sum is not None:
+                self._step[tid] += torch.tensor([loss, 1.0, float(n)], dtype=torch.float64)
+                continue
             t = self.tasks[tid]
             self.sums[t] += loss
             self.counts[t] += 1
             self.tokens[t] += n
         return int(sum(row_tokens)), int(rows.numel())
+
+    def end_step(self) -> None:
+        """With several processes: add the step's rows of every process to the window (a collective
+        call: every process makes it at the end of every step)."""
+        if self.reduce_sum is None:
+            return
+        total, self._step = self.reduce_sum(self._step), torch.zeros_like(self._step)
+        for t, (loss, count, tokens) in zip(self.tasks, total.tolist(), strict=True):
+            self.sums[t] += loss
+            self.counts[t] += int(round(count))
+            self.tokens[t] += int(round(tokens))
 
     def state_dict(self) -> dict:
         """Sums since the last log line: a resumed run's next log line covers the same steps."""
