@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
 from multitune import rundir
@@ -32,7 +32,7 @@ from multitune.evaluation.evaluator import evaluate
 from multitune.evaluation.retention import retention_change, retention_examples, retention_perplexity
 from multitune.files import write_atomic
 from multitune.lock import RunLock
-from multitune.methods import apply_method, count_parameters, param_groups, saves_adapter
+from multitune.methods import apply_method, count_parameters, param_groups, saves_adapter, task_gated
 from multitune.methods.task_context import task_context
 from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.models.load import load_base, save_trained_model
@@ -44,6 +44,7 @@ from multitune.training.checkpoint import load_checkpoint, load_latest, save_che
 from multitune.training.early_stopping import restore_best, should_stop
 from multitune.training.metrics_log import LossWindow, MetricsLog, series, truncate_log
 from multitune.training.probes import Probes
+from multitune.training.processes import Processes
 from multitune.training.stop import StopSignals, check_finite_loss, check_finite_weights
 from multitune.training.surgery import per_task_grads
 from multitune.training.tracking import Trackers, check_installed
@@ -87,7 +88,9 @@ class Recipe:
                 "(on CPU bf16/fp16 are emulated, ~300x slower)"
             )
         self.cfg, self.overwrite, self.resume, self.lock, self.cleanup = cfg, overwrite, resume, lock, cleanup
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        # layers that read each row's task leave the parameters of absent tasks without a gradient
+        unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if task_gated(cfg.method) else []
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=unused)
         self.main = self.accelerator.is_main_process
         self.say = print if self.main else (lambda *a, **k: None)
         self.step = 0
@@ -205,11 +208,9 @@ class Recipe:
             num_warmup_steps=int(cfg.train.warmup_ratio * self.steps),
             num_training_steps=self.steps,
         )
-        per_task_gradients = self.update.needs_task_grads or cfg.train.interference_every or cfg.train.affinity_every
-        if per_task_gradients and acc.num_processes > 1:
+        if cfg.train.affinity_every and acc.num_processes > 1:
             raise MultituneError(
-                "gradient surgery, interference_every and affinity_every take per-task gradients in one process; "
-                "run them without accelerate launch"
+                "affinity_every takes its lookahead steps in one process; run it without accelerate launch"
             )
         self.probes = Probes(cfg)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
@@ -217,13 +218,14 @@ class Recipe:
         self.mixture = TaskMixture(
             sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights, cfg.train.seed
         )
-        reduce_sum = None
-        if acc.num_processes > 1:  # every process's rows in the logged losses
+        self.processes = None
+        if acc.num_processes > 1:  # global task losses and gradients, every process's rows in the log
 
             def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-                return acc.reduce(t.to(acc.device), reduction="sum").cpu()
+                return acc.reduce(t.to(acc.device), reduction="sum").to(t.device)
 
-        self.window = LossWindow(cfg.task_names, reduce_sum)
+            self.processes = Processes(acc.num_processes, reduce_sum)
+        self.window = LossWindow(cfg.task_names, self.processes.reduce_sum if self.processes else None)
         set_seed(cfg.train.seed)
 
     def _restore(self) -> None:
@@ -263,8 +265,10 @@ class Recipe:
                 step_loss, step_seen = torch.zeros(k), torch.zeros(k)
                 for micro in range(cfg.train.grad_accum):
                     last = micro == cfg.train.grad_accum - 1
-                    # the task context stays open through the backward: checkpointed layers recompute there
-                    with acc.no_sync(self.model) if not last else nullcontext():
+                    # the task context stays open through the backward: checkpointed layers recompute there;
+                    # gradient surgery writes the same combined gradient on every process: DDP must not average
+                    sync = last and not self.update.needs_task_grads
+                    with acc.no_sync(self.model) if not sync else nullcontext():
                         task_loss, present = self._micro_step(micro)
                     step_loss += torch.where(present, task_loss.detach(), 0).cpu()
                     step_seen += present.cpu()
@@ -324,11 +328,15 @@ class Recipe:
             row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
             check_finite_loss(row_loss, self.step + 1, self.scheduler.get_last_lr()[0])
             task_loss, present = task_losses(row_loss, batch.row_task_ids, len(names))
+            if self.processes is not None:  # each task over the global batch (training/processes.py)
+                task_loss, present = self.processes.task_losses(task_loss, batch.row_task_ids)
             seen = present.nonzero()[:, 0].tolist()
             measure = self.probes.wants_grads(self.step, micro)
             grads = None
             if self.update.needs_task_grads or measure:
                 grads = per_task_grads([task_loss[k] for k in seen], self.params)
+                if self.processes is not None:
+                    grads = self.processes.task_grads(grads)
             if measure:
                 summary, per_pair = self.probes.interference(grads, seen)
                 self.log.write({"step": self.step + 1, "split": "interference", **summary}, per_pair)
