@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def main() -> None:
         ]
         _launch(processes, ["-m", "multitune", "train", "examples/demo.yaml", *overrides])
         rows[processes] = json.loads((out / f"p{processes}" / "results.json").read_text())["train"]
+    shutil.rmtree(out)  # the bench's own scratch runs
     # what DDP sends each step: the trainable parameters' gradients
     numel = rows[1]["trainable_parameters"]
     print(f"timing an all-reduce of {numel:,} values in {args.processes} processes", flush=True)

@@ -37,17 +37,18 @@ def _lines(run) -> list[dict]:
 LORA = {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0}
 
 
-def _train_pair(root, model_dir, method: dict, train: dict, eval_: dict) -> dict:
+def _train_pair(root, model_dir, method: dict, train: dict, eval_: dict, dev_rows: int | None = None) -> dict:
     """The same run in one process with batch 8 and in two processes with batch 4 each:
-    {processes: (run dir, completed process)}."""
+    {processes: (run dir, completed process)}; `dev_rows`: rte's dev rows (sst2 keeps its 16)."""
     from conftest import task_rte, task_sst2
 
+    rte = task_rte() if dev_rows is None else {**task_rte(), "max_eval_examples": dev_rows}
     runs = {}
     for processes, batch in ((1, 8), (2, 4)):
         raw = {
             "model": str(model_dir),
             "method": method,
-            "tasks": [task_sst2(), task_rte()],
+            "tasks": [task_sst2(), rte],
             "mixing": {"strategy": "temperature", "temperature": 2.0},
             "train": {"max_steps": 4, "batch_size": batch, "lr": 1e-2, "max_length": 96, "log_every": 1, **train},
             "eval": {"max_new_tokens": 6, "batch_size": 8, **eval_},
@@ -119,8 +120,11 @@ def test_same_weights_and_same_results_as_one_process(pair):
     ids=["cgc_lora", "adapter-per-task", "pcgrad+interference", "famo"],
 )
 def test_methods_and_balancers_take_the_one_process_step(tmp_path, tiny_model_dir, method, train):
-    runs = _train_pair(tmp_path, tiny_model_dir, method, {**train, "seed": 0}, {"zero_shot": False})
+    # rte scored on one dev row: the second process's shard of it is empty
+    runs = _train_pair(tmp_path, tiny_model_dir, method, {**train, "seed": 0}, {"zero_shot": False}, dev_rows=1)
     one, two = _lines(runs[1][0]), _lines(runs[2][0])
+    results = [json.loads((runs[p][0] / "results.json").read_text())["fine_tuned"] for p in (1, 2)]
+    assert results[0]["tasks"] == results[1]["tasks"] and results[1]["tasks"]["rte"]["n"] == 1
     _same_losses(one, two, splits=("train", "interference"))
     if "interference_every" in train:
         pairs = [r for r in two if r["split"] == "interference" and "cosine" in r]

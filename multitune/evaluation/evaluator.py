@@ -393,7 +393,8 @@ def evaluate(
             tid = gate_ids.get(task.name) if gate_ids else None
             size = batch_size or cfg.eval.batch_size
             # sharded: each process predicts every world-th row, then all of them hold all predictions
-            mine = predict(model, encoder, task, rows[rank::world], size, cfg.eval.max_new_tokens, tid, bar.update)
+            shard = rows[rank::world]  # empty on some processes when a task has fewer rows than processes
+            mine = predict(model, encoder, task, shard, size, cfg.eval.max_new_tokens, tid, bar.update) if shard else []
             preds = _gathered(mine, len(rows), world)
             out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
             per_row = row_scores(task, rows, preds)
