@@ -22,6 +22,7 @@ from pathlib import Path
 from multitune import rundir
 from multitune.config import LoraMethod, RunConfig
 from multitune.errors import MultituneError
+from multitune.files import write_atomic
 from multitune.lock import RunLock
 from multitune.tasks.metric_info import primary_metric
 
@@ -142,6 +143,9 @@ def merge_runs(
             },
         }
         rundir.write_results(out, results, cfg)
+        from multitune.reporting.model_card import model_card
+
+        write_atomic(out / rundir.MODEL / "README.md", model_card(cfg, results, adapter=True))
     finally:
         lock.release()
     return results

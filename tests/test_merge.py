@@ -61,6 +61,10 @@ def test_cat_merge_is_the_exact_weighted_sum_and_a_run_of_its_own(singles, tmp_p
     assert results["merge"]["source_scores"] == sources and results["merge"]["weights"] == [1.0, 0.5]
     assert {t: m["n"] for t, m in results["fine_tuned"]["tasks"].items()} == {t: s["n"] for t, s in sources.items()}
     assert (out / ".multitune-run").is_file()
+    card = (out / "model" / "README.md").read_text()
+    assert "## Made by merging" in card and f"multitune merge {singles['sst2']} {singles['rte']}" in card
+    assert "--method cat --weights 1 0.5" in card
+    assert main(["report", str(out)]) == 0 and (out / "report.html").stat().st_size > 1000
     # a merged run is an ordinary LoRA run: eval and export work on it
     assert main(["eval", str(out)]) == 0
     assert main(["export", str(out), "--format", "peft-lora"]) == 0

@@ -100,13 +100,22 @@ def model_card(cfg: RunConfig, results: dict, adapter: bool, task: str | None = 
             f"lr {t.lr:g} ({t.scheduler}, {t.warmup_ratio:g} warm-up), max_length {t.max_length}, seed {t.seed}; "
             f"{trained.get('trainable_parameters', 0):,} trainable parameters; {trained.get('seconds', 0):,.0f} s.",
         ]
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "The run's `config.yaml` holds every setting: `multitune train config.yaml`.",
-        "",
-    ]
+    merge = results.get("merge")
+    if merge:  # a `multitune merge` run: trained apart, then combined
+        weights = " ".join(f"{w:g}" for w in merge["weights"])
+        lines += [
+            "",
+            "## Made by merging",
+            "",
+            f"PEFT's `add_weighted_adapter` ({merge['method']}, weights {weights}, rank {merge['rank']}) of the "
+            f"LoRA runs {', '.join(f'`{r}`' for r in merge['runs'])}.",
+        ]
+        options = f" --method {merge['method']} --weights {weights}"
+        options += f" --density {merge['density']:g}" if merge.get("density") is not None else ""
+        how = f"`multitune merge {' '.join(merge['runs'])} --output OUT{options}`."
+    else:
+        how = "The run's `config.yaml` holds every setting: `multitune train config.yaml`."
+    lines += ["", "## Reproduce", "", how, ""]
     return "\n".join(lines)
 
 
