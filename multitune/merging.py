@@ -17,6 +17,7 @@ and where they came from) and the evaluation.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from multitune import rundir
@@ -98,6 +99,8 @@ def merge_runs(
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths):
         raise MultituneError(f"--weights gives {len(weights)} numbers for {len(paths)} runs: one per run")
+    if not all(math.isfinite(w) for w in weights):
+        raise MultituneError(f"--weights must be finite numbers, got {weights}")
     if method in WITH_DENSITY:
         density = 0.5 if density is None else density
         if not 0.0 < density <= 1.0:

@@ -123,6 +123,7 @@ def test_merge_refuses_bad_input_in_one_line(singles, tmp_path, capsys, run_conf
     cases = [
         ([a, "--output", out], "merge needs at least two runs"),
         ([a, b, "--output", out, "--weights", "1"], "--weights gives 1 numbers for 2 runs"),
+        ([a, b, "--output", out, "--weights", "1", "nan"], "--weights must be finite numbers"),
         ([a, b, "--output", out, "--method", "mean"], "unknown merge method 'mean'; choose one of: cat, svd"),
         ([a, b, "--output", out, "--density", "0.3"], "--density is for ties, dare_ties, dare_linear, magnitude_prune"),
         ([a, b, "--output", out, "--method", "ties", "--density", "1.5"], "--density must be in (0, 1]"),
