@@ -10,6 +10,7 @@ functions import their package when called, so reading this table loads no model
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,30 +66,6 @@ def _apply_experts(model, cfg, tasks):
     return apply_experts(model, cfg.name, names, clusters, **options)
 
 
-def _experts_task_ids(model, names, fallback):
-    from multitune.methods.experts import task_id
-
-    return {name: task_id(model, name, fallback) for name in names}
-
-
-def _export_experts(model, cfg, task, out: Path, base: Path, max_rank):
-    from multitune.methods.experts.export import export_task_lora_info
-
-    return export_task_lora_info(model, task, out, base, max_rank)[1]
-
-
-def _merge_experts(model, task):
-    from multitune.methods.experts import merge_task
-
-    return merge_task(model, task)
-
-
-def _experts_gates(model):
-    from multitune.methods.experts import expert_names, gate_table
-
-    return expert_names(model), gate_table(model)
-
-
 # --- shared-factor experts (lora_experts, mtl_lora) ----------------------------------------------
 
 
@@ -101,28 +78,27 @@ def _apply_shared_factor(model, cfg, tasks):
     return apply_shared_factor(model, cfg.name, [t.name for t in tasks], **options)
 
 
-def _shared_factor_task_ids(model, names, fallback):
-    from multitune.methods.shared_factor import task_id
+def _per_task(package: str, apply: Callable[..., nn.Module]) -> dict:
+    """The entry of a per-task LoRA family: `package` (methods.experts, methods.shared_factor)
+    exports task_id, export_task_lora_info, merge_task, expert_names and gate_table alike."""
 
-    return {name: task_id(model, name, fallback) for name in names}
+    def load():
+        return importlib.import_module(package)
 
-
-def _export_shared_factor(model, cfg, task, out: Path, base: Path, max_rank):
-    from multitune.methods.shared_factor import export_task_lora_info
-
-    return export_task_lora_info(model, task, out, base, max_rank)[1]
-
-
-def _merge_shared_factor(model, task):
-    from multitune.methods.shared_factor import merge_task
-
-    return merge_task(model, task)
-
-
-def _shared_factor_gates(model):
-    from multitune.methods.shared_factor import expert_names, gate_table
-
-    return expert_names(model), gate_table(model)
+    return {
+        "apply": apply,
+        "saves_adapter": True,
+        "merges": True,
+        "per_task": True,
+        "gated": True,
+        "reads_task": lambda cfg: True,
+        "task_ids": lambda model, names, fallback: {n: load().task_id(model, n, fallback) for n in names},
+        "export_lora": lambda model, cfg, task, out, base, max_rank: load().export_task_lora_info(
+            model, task, out, base, max_rank
+        )[1],
+        "merge": lambda model, task: load().merge_task(model, task),
+        "gates": lambda model: (load().expert_names(model), load().gate_table(model)),
+    }
 
 
 # --- bottleneck adapters --------------------------------------------------------------------
@@ -169,26 +145,8 @@ def _names_and_clusters(tasks) -> tuple[list[str], dict[str, str] | None]:
     return [t.name for t in tasks], ({t.name: t.cluster for t in tasks if t.cluster is not None} or None)
 
 
-_GATED = {
-    "apply": _apply_experts,
-    "saves_adapter": True,
-    "merges": True,
-    "per_task": True,
-    "gated": True,
-    "reads_task": lambda cfg: True,
-    "task_ids": _experts_task_ids,
-    "export_lora": _export_experts,
-    "merge": _merge_experts,
-    "gates": _experts_gates,
-}
-_SHARED_FACTOR = {
-    **_GATED,
-    "apply": _apply_shared_factor,
-    "task_ids": _shared_factor_task_ids,
-    "export_lora": _export_shared_factor,
-    "merge": _merge_shared_factor,
-    "gates": _shared_factor_gates,
-}
+_GATED = _per_task("multitune.methods.experts", _apply_experts)
+_SHARED_FACTOR = _per_task("multitune.methods.shared_factor", _apply_shared_factor)
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (

@@ -218,13 +218,8 @@ class Recipe:
         self.mixture = TaskMixture(
             sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights, cfg.train.seed
         )
-        self.processes = None
-        if acc.num_processes > 1:  # global task losses and gradients, every process's rows in the log
-
-            def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-                return acc.reduce(t.to(acc.device), reduction="sum").to(t.device)
-
-            self.processes = Processes(acc.num_processes, reduce_sum)
+        # several processes: global task losses and gradients, every process's rows in the log
+        self.processes = Processes(acc) if acc.num_processes > 1 else None
         self.window = LossWindow(cfg.task_names, self.processes.reduce_sum if self.processes else None)
         set_seed(cfg.train.seed)
 
@@ -366,27 +361,9 @@ class Recipe:
             **overall,
             **update_record,
         }
-        if self.accelerator.num_processes > 1:
-            record["rank_spread"] = self._rank_spread()
+        if self.processes is not None:
+            record["rank_spread"] = self.processes.rank_spread(self.params, self.step)
         self.log.write(record, per_task)
-
-    def _rank_spread(self) -> float:
-        """How far apart the processes' trainable weights are (the largest difference of their sum
-        and sum of squares, relative to it): DDP keeps them equal, and a run whose processes
-        drifted apart is no longer one run, so it stops (a collective call, at every log step)."""
-        acc = self.accelerator
-        with torch.no_grad():
-            mine = torch.stack(
-                [sum(p.double().sum() for p in self.params), sum(p.double().square().sum() for p in self.params)]
-            )
-        every = acc.gather(mine.to(acc.device).unsqueeze(0)).cpu()  # (processes, 2)
-        spread = float(((every.max(0).values - every.min(0).values) / every.abs().max(0).values.clamp_min(1e-30)).max())
-        if spread > 1e-9:
-            raise MultituneError(
-                f"the {acc.num_processes} processes hold different weights at step {self.step} "
-                f"(relative spread {spread:.3g}): they no longer train one model"
-            )
-        return spread
 
     def _evaluate_dev(self) -> bool:
         """Dev metrics (and retention) at this step; True when early stopping says stop."""

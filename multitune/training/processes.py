@@ -13,20 +13,25 @@ are made global here:
   holds the same values, so the balancers' state moves alike on all of them.
 - `task_grads`: the per-task gradients of those losses averaged over the processes: each task's
   gradient over the global batch, the same on every process, which then combines them alike.
+- `rank_spread`: whether the processes still hold the same weights (checked at every log step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+
+from multitune.errors import MultituneError
 
 
 class Processes:
-    """The collectives one run on `world` processes needs (`reduce_sum`: a tensor summed over them)."""
+    """The collectives one run on several processes needs, over Accelerate's `accelerator`."""
 
-    def __init__(self, world: int, reduce_sum: Callable[[torch.Tensor], torch.Tensor]):
-        self.world, self.reduce_sum = world, reduce_sum
+    def __init__(self, accelerator):
+        self.accelerator, self.world = accelerator, accelerator.num_processes
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the processes (a collective call), back on `t`'s device."""
+        return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").to(t.device)
 
     def task_losses(self, task_loss: torch.Tensor, row_tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(each task's global loss with the scaled local gradient, which tasks any process has)."""
@@ -41,3 +46,19 @@ class Processes:
     def task_grads(self, grads: torch.Tensor) -> torch.Tensor:
         """(K, P) per-task gradients of `task_losses`' losses, averaged over the processes."""
         return self.reduce_sum(grads) / self.world
+
+    def rank_spread(self, params: list[torch.Tensor], step: int) -> float:
+        """How far apart the processes' trainable weights are (the largest difference of their sum
+        and sum of squares, relative to it): DDP keeps them equal, and a run whose processes
+        drifted apart is no longer one run, so it stops (a collective call)."""
+        acc = self.accelerator
+        with torch.no_grad():
+            mine = torch.stack([sum(p.double().sum() for p in params), sum(p.double().square().sum() for p in params)])
+        every = acc.gather(mine.to(acc.device).unsqueeze(0)).cpu()  # (processes, 2)
+        spread = float(((every.max(0).values - every.min(0).values) / every.abs().max(0).values.clamp_min(1e-30)).max())
+        if spread > 1e-9:
+            raise MultituneError(
+                f"the {self.world} processes hold different weights at step {step} "
+                f"(relative spread {spread:.3g}): they no longer train one model"
+            )
+        return spread

@@ -19,6 +19,7 @@ from multitune.methods.experts.config import (
 from multitune.methods.experts.export import (
     expert_names,
     export_task_lora,
+    export_task_lora_info,
     gate_table,
     merge_task,
     plot_gates,
@@ -41,6 +42,7 @@ __all__ = [
     "apply_experts",
     "expert_names",
     "export_task_lora",
+    "export_task_lora_info",
     "gate_table",
     "merge_task",
     "plot_gates",

@@ -30,6 +30,7 @@ from peft.utils.peft_types import PeftType, TaskType
 
 from multitune._compat import extend_peft_type
 from multitune.errors import MultituneError
+from multitune.methods.task_lora import active_config
 
 DEFAULT_CLUSTER = "default"
 COMMON = "common"
@@ -267,16 +268,7 @@ class CgcLoraConfig(ExpertsConfig):
 
 def experts_config(model_or_config: Any) -> ExpertsConfig:
     """The (active) moe_lora / cgc_lora config of a PeftModel, a tuner, a tuned model, or the config itself."""
-    if isinstance(model_or_config, ExpertsConfig):
-        return model_or_config
-    configs = getattr(model_or_config, "peft_config", None)
-    if isinstance(configs, dict):
-        active = getattr(model_or_config, "active_adapter", None)
-        names = [active] if isinstance(active, str) else list(active or [])
-        for name in [*names, *configs]:
-            if isinstance(configs.get(name), ExpertsConfig):
-                return configs[name]
-    raise MultituneError(f"{type(model_or_config).__name__} has no moe_lora / cgc_lora adapter")
+    return active_config(model_or_config, ExpertsConfig, "moe_lora / cgc_lora")
 
 
 def task_id(model_or_config: Any, name: str, fallback: str | None = None) -> int:

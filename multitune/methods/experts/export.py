@@ -8,7 +8,6 @@ vanilla PEFT, vLLM and other multi-LoRA servers load, or a weight delta to add t
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from multitune.files import atomic_path
 from multitune.methods.experts.config import ExpertsConfig, experts_config, gate_row
 from multitune.methods.experts.layer import ExpertsLinear
 from multitune.methods.experts.model import _StoreScales
+from multitune.methods.task_lora import merged_copy
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -80,18 +80,9 @@ def merge_task(peft_model: nn.Module, task: str) -> PreTrainedModel:
     row = gate_row(cfg, task)
     inner = _inner_model(peft_model)
     deltas = {name: layer.task_delta(adapter, row) for name, layer in _layers(inner, adapter)}
-    merged = copy.deepcopy(inner)
+    merged = merged_copy(inner, deltas, lambda model: _layers(model, adapter))
     for key in [k for k, h in merged._forward_pre_hooks.items() if isinstance(h, _StoreScales)]:
         del merged._forward_pre_hooks[key]  # the copy is a plain model: no gate scales to compute
-    for name, layer in _layers(merged, adapter):
-        base = layer.get_base_layer()
-        with torch.no_grad():
-            base.weight += deltas[name].to(base.weight.device, base.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent_name) if parent_name else merged, child, base)
-    if "peft_config" in merged.__dict__:
-        del merged.peft_config
-    merged.requires_grad_(True)  # as a freshly loaded model
     return merged
 
 

@@ -36,6 +36,7 @@ from multitune.methods.experts.config import (
 )
 from multitune.methods.experts.layer import CgcLoraLinear, ExpertsLinear, GateRouter, MoeLoraLinear
 from multitune.methods.task_context import current_task_context
+from multitune.methods.task_lora import config_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +172,7 @@ def apply_experts(
     """
     if method_name not in METHODS:
         raise MultituneError(f"unknown task-gated method '{method_name}'; choose one of: {', '.join(METHODS)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in method_kwargs.items():
-        if value is None:
-            continue
-        if key not in _KWARGS | _ONLY[method_name]:
-            other = next((m for m, keys in _ONLY.items() if key in keys), None)
-            hint = f" (it is {other}'s)" if other else f"; known: {', '.join(sorted(_KWARGS | _ONLY[method_name]))}"
-            raise MultituneError(f"method {method_name} has no option '{key}'{hint}")
-        kwargs["target_modules" if key == "targets" else key] = value
+    kwargs = config_kwargs(method_name, method_kwargs, _KWARGS, _ONLY)
     if method_name == "cgc_lora":
         kwargs["clusters"] = dict(clusters) if clusters else None
     config = METHODS[method_name](task_names=list(task_names), **kwargs)

@@ -36,6 +36,7 @@ from peft.utils.peft_types import PeftType, TaskType
 
 from multitune._compat import extend_peft_type
 from multitune.errors import MultituneError
+from multitune.methods.task_lora import active_config
 
 COMMON = "common"
 
@@ -165,16 +166,7 @@ class MtlLoraConfig(SharedFactorConfig):
 
 def shared_factor_config(model_or_config: Any) -> SharedFactorConfig:
     """The (active) lora_experts / mtl_lora config of a PeftModel, a tuner, or the config itself."""
-    if isinstance(model_or_config, SharedFactorConfig):
-        return model_or_config
-    configs = getattr(model_or_config, "peft_config", None)
-    if isinstance(configs, dict):
-        active = getattr(model_or_config, "active_adapter", None)
-        names = [active] if isinstance(active, str) else list(active or [])
-        for name in [*names, *configs]:
-            if isinstance(configs.get(name), SharedFactorConfig):
-                return configs[name]
-    raise MultituneError(f"{type(model_or_config).__name__} has no lora_experts / mtl_lora adapter")
+    return active_config(model_or_config, SharedFactorConfig, "lora_experts / mtl_lora")
 
 
 def task_id(model_or_config: Any, name: str, fallback: str | None = None) -> int:

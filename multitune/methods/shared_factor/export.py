@@ -6,7 +6,6 @@ LoRA (layer.task_factors): MTL-LoRA's A' = Lambda_t A, B' = sum_i w_t,i B_i.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from transformers import PreTrainedModel
 from multitune.errors import MultituneError
 from multitune.methods.shared_factor.config import SharedFactorConfig, gate_row, shared_factor_config
 from multitune.methods.shared_factor.layer import SharedFactorLinear
+from multitune.methods.task_lora import merged_copy
 
 
 def _adapter(model: nn.Module) -> tuple[str, SharedFactorConfig]:
@@ -65,17 +65,7 @@ def merge_task(peft_model: nn.Module, task: str) -> PreTrainedModel:
     row = gate_row(cfg, task)
     inner = peft_model.get_base_model()
     deltas = {name: layer.task_delta(adapter, row) for name, layer in _layers(inner, adapter)}
-    merged = copy.deepcopy(inner)
-    for name, layer in _layers(merged, adapter):
-        base = layer.get_base_layer()
-        with torch.no_grad():
-            base.weight += deltas[name].to(base.weight.device, base.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent_name) if parent_name else merged, child, base)
-    if "peft_config" in merged.__dict__:
-        del merged.peft_config
-    merged.requires_grad_(True)  # as a freshly loaded model
-    return merged
+    return merged_copy(inner, deltas, lambda model: _layers(model, adapter))
 
 
 def expert_names(peft_model: nn.Module) -> list[str]:

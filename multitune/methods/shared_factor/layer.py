@@ -31,6 +31,7 @@ from multitune.methods.dropout import drop_unscaled
 from multitune.methods.lora.layer import plain_inputs
 from multitune.methods.shared_factor.config import SharedFactorConfig
 from multitune.methods.task_context import TaskContext, require_task_context, rows_for
+from multitune.methods.task_lora import lora_delta
 
 
 class SharedFactorLinear(nn.Module, BaseTunerLayer):
@@ -196,9 +197,7 @@ class SharedFactorLinear(nn.Module, BaseTunerLayer):
 
     def task_delta(self, adapter_name: str, row: int) -> torch.Tensor:
         """The weight update of gate row `row`, shaped like the base weight (Conv1D: (in, out))."""
-        a_t, b_t = self.task_factors(adapter_name, row)
-        delta = (b_t @ a_t) * self.scaling[adapter_name]
-        return delta.T if self.is_conv1d else delta
+        return lora_delta(*self.task_factors(adapter_name, row), self.scaling[adapter_name], self.is_conv1d)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise MultituneError(

@@ -30,6 +30,7 @@ from multitune.methods.shared_factor.config import (
     task_id,
 )
 from multitune.methods.shared_factor.layer import LoraExpertsLinear, MtlLoraLinear, SharedFactorLinear
+from multitune.methods.task_lora import config_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +112,9 @@ def apply_shared_factor(
     default. `say` gets a line on the rank split (None: silent)."""
     if method_name not in METHODS:
         raise MultituneError(f"unknown shared-factor method '{method_name}'; choose one of: {', '.join(METHODS)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in method_kwargs.items():
-        if value is None:
-            continue
-        if key not in _KWARGS | _ONLY[method_name]:
-            other = next((m for m, keys in _ONLY.items() if key in keys), None)
-            hint = f" (it is {other}'s)" if other else f"; known: {', '.join(sorted(_KWARGS | _ONLY[method_name]))}"
-            raise MultituneError(f"method {method_name} has no option '{key}'{hint}")
-        kwargs["target_modules" if key == "targets" else key] = value
-    config = METHODS[method_name](task_names=list(task_names), **kwargs)
+    config = METHODS[method_name](
+        task_names=list(task_names), **config_kwargs(method_name, method_kwargs, _KWARGS, _ONLY)
+    )
     peft_model = get_peft_model(model, config)
     if say is not None:
         say(config.describe())
