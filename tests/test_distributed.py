@@ -164,3 +164,20 @@ def test_stopped_and_resumed_on_two_processes_reaches_the_same_weights(pair, tmp
     assert "[resume] from step-00000002" in done.stdout
     _same_weights(pair[2][0], tmp_path / "resumed")
     _same_losses(_lines(pair[2][0]), _lines(tmp_path / "resumed"))
+
+
+def test_what_one_process_computes_is_refused_on_two_in_one_line(tmp_path, tiny_model_dir):
+    from conftest import task_rte, task_sst2
+
+    tasks = [{**task_sst2(), "domain": "reviews"}, {**task_rte(), "domain": "nli"}]
+    raw = {
+        "model": str(tiny_model_dir),
+        "method": LORA,
+        "tasks": tasks,
+        "train": {"max_steps": 2, "batch_size": 4, "max_length": 96, "domain": {"method": "dann"}},
+        "output": str(tmp_path / "dann"),
+    }
+    done = _multitune(["train", str(write_yaml(tmp_path / "dann.yaml", raw))], 2, tmp_path)
+    assert done.returncode != 0
+    assert "train.domain computes its loss over one process's rows; run it without accelerate launch" in done.stderr
+    assert "[rank0]: Traceback" not in done.stderr and not (tmp_path / "dann").exists()

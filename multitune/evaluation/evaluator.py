@@ -261,6 +261,9 @@ def _generate(model, encoder: Encoder, examples, batch_size, max_new_tokens, don
             do_sample=False,
             pad_token_id=tok.pad_token_id,
             eos_token_id=encoder.eos,
+            # each process decodes its own rows; under FSDP the weights are gathered for the whole
+            # evaluation (training/sharding.py), so no step needs the other processes
+            synced_gpus=False,
         )
         new = out[:, input_ids.shape[1] :]
         for i, text in zip(rows, tok.batch_decode(new, skip_special_tokens=True), strict=True):

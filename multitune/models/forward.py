@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from multitune.data.collate import Batch
@@ -80,8 +81,8 @@ def _pool_rows(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """The decoder stack and the LM head of a (PEFT-wrapped) causal LM, when the head is one
-    linear layer; None sends the caller through the model's own forward (DDP must see it)."""
-    if isinstance(model, DistributedDataParallel):
+    linear layer; None sends the caller through the model's own forward (DDP and FSDP hook it)."""
+    if isinstance(model, DistributedDataParallel | FSDPModule):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if any(getattr(base.config, k, None) not in (None, 1.0) for k in _HEAD_EXTRAS):

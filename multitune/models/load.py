@@ -105,12 +105,15 @@ def merged_stage(run_dir: Path) -> Path:
     return out
 
 
-def save_trained_model(model: torch.nn.Module, tokenizer, run_dir: Path, cfg: RunConfig) -> None:
-    """Write model/ atomically (temporary folder, then rename)."""
+def save_trained_model(
+    model: torch.nn.Module, tokenizer, run_dir: Path, cfg: RunConfig, state_dict: dict | None = None
+) -> None:
+    """Write model/ atomically (temporary folder, then rename); `state_dict`: the weights when
+    the model's own are sharded (FSDP)."""
     final = run_dir / MODEL
     tmp = run_dir / f".{MODEL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
     if saves_adapter(cfg.method.name):
         point_adapter_at_base(tmp, cfg)
     tokenizer.save_pretrained(str(tmp))

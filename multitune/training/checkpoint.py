@@ -142,17 +142,23 @@ def save_checkpoint(
     trainer_state: dict,
     keep: int,
     modules: dict[str, torch.nn.Module] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
+    """`weights` / `optimizer_state`: given when the model's own are sharded (FSDP, gathered by
+    training/sharding.py); the optimizer state is then keyed by parameter name."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)  # a save of ours that crashed
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    if weights is None:
+        weights = trainable_state(model)
+    save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / WEIGHTS))
     tensors: dict[str, torch.Tensor] = {}
     state = {
         "trainer": {"step": step, **trainer_state},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "modules": {name: m.state_dict() for name, m in (modules or {}).items()},
@@ -223,16 +229,32 @@ def load_latest(root: Path, restore: Callable[[Path], dict], warn: Callable[[str
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer, scheduler, modules: dict[str, torch.nn.Module] | None = None
+    path: Path,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    modules: dict[str, torch.nn.Module] | None = None,
+    sharded: bool = False,
 ) -> dict:
     """Restore weights, optimizer, scheduler, RNG and the trainer's own modules (loss balancer);
-    return the trainer state (step, sampler...). Call `verify_checkpoint` first."""
+    return the trainer state (step, sampler...). Call `verify_checkpoint` first. `sharded`: the
+    model is under FSDP, and the checkpoint must have been written by one (every process loads
+    the whole state and keeps its shard)."""
     tensors = load_file(str(path / TENSORS))
     state = _decode(json.loads((path / STATE).read_text()), tensors)
-    load_trainable(model, path / WEIGHTS)
+    by_name = any(isinstance(p, str) for g in state["optimizer"]["param_groups"] for p in g["params"])
+    if by_name != sharded:
+        how = "with" if by_name else "without"
+        raise MultituneError(f"{path} was saved {how} FSDP: resume it {how} FSDP")
+    if sharded:
+        from multitune.training.sharding import load_full_state  # torch.distributed only when sharded
+
+        load_full_state(model, optimizer, load_file(str(path / WEIGHTS)), state["optimizer"])
+    else:
+        load_trainable(model, path / WEIGHTS)
+        optimizer.load_state_dict(state["optimizer"])
     for name, module in (modules or {}).items():
         module.load_state_dict(state["modules"][name])
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["trainer"]

@@ -39,8 +39,9 @@ def should_stop(cfg: RunConfig, result: dict, step: int, state: dict, model, run
     return False
 
 
-def restore_best(cfg: RunConfig, state: dict, model, run_dir: Path, say) -> None:
+def restore_best(cfg: RunConfig, state: dict, model, run_dir: Path, say, load=load_trainable) -> None:
+    """`load(model, path)`: how the weights go in (under FSDP, each process keeps its shard)."""
     es = cfg.train.early_stopping
     if es is not None and es.restore_best and (run_dir / BEST).is_file():
-        load_trainable(model, run_dir / BEST)
+        load(model, run_dir / BEST)
         say(f"[train] restored the best weights (step {state['best_step']}, {es.metric}={state['best']:.2f})")

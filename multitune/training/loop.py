@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from transformers import get_scheduler
 
 from multitune import rundir
@@ -45,6 +45,14 @@ from multitune.training.early_stopping import restore_best, should_stop
 from multitune.training.metrics_log import LossWindow, MetricsLog, series, truncate_log
 from multitune.training.probes import Probes
 from multitune.training.processes import Processes
+from multitune.training.sharding import (
+    check_shardable,
+    full_state,
+    full_weights,
+    full_weights_state,
+    is_sharded,
+    load_full_weights,
+)
 from multitune.training.stop import StopSignals, check_finite_loss, check_finite_weights
 from multitune.training.surgery import per_task_grads
 from multitune.training.tracking import Trackers, check_installed
@@ -92,6 +100,23 @@ class Recipe:
         unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if task_gated(cfg.method) else []
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=unused)
         self.main = self.accelerator.is_main_process
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            if not self.accelerator.is_fsdp2:
+                raise MultituneError("FSDP runs with fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+            check_shardable(cfg, task_gated(cfg.method))
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # examples/accelerate/deepspeed_zero2.yaml
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise MultituneError("DeepSpeed ZeRO-3 shards the weights: use examples/accelerate/fsdp2.yaml")
+            check_shardable(cfg, task_gated(cfg.method), "DeepSpeed")
+        if self.accelerator.num_processes > 1:  # before anything is written
+            if cfg.train.affinity_every:
+                raise MultituneError(
+                    "affinity_every takes its lookahead steps in one process; run it without accelerate launch"
+                )
+            if cfg.train.domain is not None:  # its classifier would drift apart too
+                raise MultituneError(
+                    "train.domain computes its loss over one process's rows; run it without accelerate launch"
+                )
         self.say = print if self.main else (lambda *a, **k: None)
         self.step = 0
         # what a checkpoint keeps besides the weights: early stopping's record and the throughput counts
@@ -208,12 +233,11 @@ class Recipe:
             num_warmup_steps=int(cfg.train.warmup_ratio * self.steps),
             num_training_steps=self.steps,
         )
-        if cfg.train.affinity_every and acc.num_processes > 1:
-            raise MultituneError(
-                "affinity_every takes its lookahead steps in one process; run it without accelerate launch"
-            )
         self.probes = Probes(cfg)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.sharded = is_sharded(self.model)
+        if self.sharded:  # FSDP2 put sharded parameters in the model's place (and the optimizer's)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
         sizes = {t: len(r) for t, r in self.encoded.items()}
         self.mixture = TaskMixture(
             sizes, cfg.mixing.strategy, cfg.mixing.temperature, cfg.mixing.weights, cfg.train.seed
@@ -230,7 +254,7 @@ class Recipe:
 
         def restore(path: Path) -> dict:
             model = self.accelerator.unwrap_model(self.model)
-            saved = load_checkpoint(path, model, self.optimizer, self.scheduler, self.update.modules())
+            saved = load_checkpoint(path, model, self.optimizer, self.scheduler, self.update.modules(), self.sharded)
             self.mixture.load_state_dict(saved.pop("mixture"))
             self.window.load_state_dict(saved.pop("window"))
             self.probes.load_state_dict(saved.pop("trackers"))
@@ -270,7 +294,8 @@ class Recipe:
                 self.update.before_optimizer(acc.backward)
                 grad_norm = None
                 if cfg.train.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm))
+                    norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+                    grad_norm = None if norm is None else float(norm)  # None: DeepSpeed clips in its step
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -286,7 +311,7 @@ class Recipe:
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == self.steps):
                     stop = self._evaluate_dev()
                 periodic = cfg.train.save_every is not None and self.step % cfg.train.save_every == 0
-                if self.main and (periodic or stop_after == self.step or signals.requested):
+                if periodic or stop_after == self.step or signals.requested:
                     self._checkpoint()
                 if stop_after is not None and self.step >= stop_after:
                     bar.close()
@@ -361,14 +386,14 @@ class Recipe:
             **overall,
             **update_record,
         }
-        if self.processes is not None:
+        if self.processes is not None and not self.sharded:  # FSDP's shards differ by design
             record["rank_spread"] = self.processes.rank_spread(self.params, self.step)
         self.log.write(record, per_task)
 
     def _evaluate_dev(self) -> bool:
         """Dev metrics (and retention) at this step; True when early stopping says stop."""
         cfg, model = self.cfg, self.accelerator.unwrap_model(self.model)
-        with eager_layers(self.model):
+        with self.full_weights(), eager_layers(self.model):
             result = evaluate(model, self.encoder, cfg, self.dev_rows)
             per_task = {t: {k: v for k, v in m.items() if k != "n"} for t, m in result["tasks"].items()}
             record = {"step": self.step, "split": "dev", "mean": result["mean"]}
@@ -379,8 +404,14 @@ class Recipe:
         return should_stop(cfg, result, self.step, self.state, model, self.run_dir, self.say)
 
     def _checkpoint(self) -> None:
+        """Written by the main process; under FSDP every process first helps gather the state."""
+        weights = optimizer_state = None
+        if self.sharded:
+            weights, optimizer_state = full_state(self.model, self.optimizer)
+        if not self.main:
+            return
         self.log.flush()
-        check_finite_weights(self.params, self.step)
+        check_finite_weights(list(weights.values()) if self.sharded else self.params, self.step)
         save_checkpoint(
             self.run_dir / rundir.CHECKPOINTS,
             self.step,
@@ -395,7 +426,15 @@ class Recipe:
             },
             self.cfg.train.keep_checkpoints,
             self.update.modules(),
+            weights=weights,
+            optimizer_state=optimizer_state,
         )
+
+    def full_weights(self):
+        """Under FSDP, the weights whole for evaluation and saving (training/sharding.py)."""
+        if not self.sharded:
+            return nullcontext()
+        return full_weights(self.model, self.accelerator.state.fsdp_plugin.reshard_after_forward)
 
     # --- finish ----------------------------------------------------------------------------
 
@@ -404,10 +443,15 @@ class Recipe:
         cfg, say, results, state = self.cfg, self.say, self.results, self.state
         self.log.close()
         model = self.accelerator.unwrap_model(self.model)
-        restore_best(cfg, state, model, self.run_dir, say)
+        weights = None
+        if self.sharded:  # every process loads the best weights and keeps its shard; then all gather them
+            restore_best(cfg, state, model, self.run_dir, say, load=load_full_weights)
+            weights = full_weights_state(model, trainable_only=saves_adapter(cfg.method.name))
+        else:
+            restore_best(cfg, state, model, self.run_dir, say)
         if self.main:
-            save_trained_model(model, self.tokenizer, self.run_dir, cfg)
-        with eager_layers(model):
+            save_trained_model(model, self.tokenizer, self.run_dir, cfg, weights)
+        with self.full_weights(), eager_layers(model):
             if final_eval:
                 say(f"[eval] fine-tuned on {cfg.eval.split}: {_sizes(self.eval_rows)}")
                 results["fine_tuned"] = evaluate(model, self.encoder, cfg, self.eval_rows)
@@ -434,6 +478,7 @@ class Recipe:
             "padding_fraction": round(1 - state["tokens"] / max(state["cells"], 1), 4),
             "balance": cfg.train.balance.method,
             "processes": self.accelerator.num_processes,
+            "distributed": "fsdp2" if self.sharded else "ddp" if self.processes is not None else "none",
         }
         results["environment"] = environment(self.accelerator.device)
         if "fine_tuned" in results:
