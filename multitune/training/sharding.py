@@ -4,17 +4,17 @@ What changes for multitune when the weights are sharded:
 
 - A forward is a collective (each FSDP unit all-gathers its weights), so it goes through the
   model's own forward, which FSDP hooks (models/forward.py), and every process must run the same
-  forwards. Evaluation, saving and checkpoints therefore run inside `full_weights`: every unit
-  gathered once and kept whole, so that each process evaluates its own shard of the dev rows with
-  no collective, and the model saves as the plain model it is (PEFT's save_pretrained does not
-  read sharded tensors).
-- Checkpoints hold the full trainable weights and optimizer state (torch's distributed
-  state-dict helpers gather them), so a run resumes on any number of processes.
-- What reads per-task gradients of the weights (gradient surgery, interference, affinity) or
-  a full copy of the weights (L2-SP's anchors) is refused, and so are parameters
-  beside the model's (`uncertainty`'s task weights), which Accelerate's FSDP2 optimizer cannot hold: those need the
-  whole gradient on one process. Task-reading layers are refused too: FSDP2 reduces a unit's
-  gradients in one collective, which needs every process to have the same gradients present.
+  forwards. Evaluation therefore runs inside `full_weights`: every unit gathered once and kept
+  whole, so that each process scores its own shard of the dev rows with no collective.
+- A sharded module's `state_dict()` holds its shards, which PEFT's and transformers'
+  save_pretrained cannot write: the model is saved from the gathered whole state dict.
+- Checkpoints hold the whole trainable weights and the optimizer state keyed by parameter name
+  (torch's distributed state-dict helpers gather them); `--resume` loads them into the shards.
+- Refused: what needs whole per-task gradients on one process (gradient surgery, interference,
+  affinity) or a full copy of the weights (L2-SP's anchors); parameters beside the model's
+  (`uncertainty`'s task weights), which Accelerate's FSDP2 optimizer cannot hold; and layers
+  that read each row's task, since FSDP2 reduces a unit's gradients in one collective, which
+  needs the same gradients present on every process.
 """
 
 from __future__ import annotations
