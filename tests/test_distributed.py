@@ -181,3 +181,49 @@ def test_what_one_process_computes_is_refused_on_two_in_one_line(tmp_path, tiny_
     assert done.returncode != 0
     assert "train.domain computes its loss over one process's rows; run it without accelerate launch" in done.stderr
     assert "[rank0]: Traceback" not in done.stderr and not (tmp_path / "dann").exists()
+
+
+def test_a_signal_to_one_process_stops_both_at_one_checkpoint_and_resume_goes_on(tmp_path, tiny_model_dir):
+    """SIGTERM to one of two training processes (not the main one, which writes checkpoints):
+    both stop after the same step with one checkpoint, and `--resume` on two processes then ends
+    with the weights and loss curve of a run that was never stopped."""
+    import signal
+    import time
+
+    import psutil
+    from conftest import task_rte, task_sst2
+
+    def config(name: str):
+        raw = {
+            "model": str(tiny_model_dir),
+            "method": LORA,
+            "tasks": [task_sst2(), task_rte()],
+            "train": {"max_steps": 40, "batch_size": 4, "lr": 1e-2, "max_length": 96, "log_every": 1, "seed": 0},
+            "eval": {"max_new_tokens": 6, "batch_size": 8, "zero_shot": False},
+            "output": str(tmp_path / name),
+        }
+        return write_yaml(tmp_path / f"{name}.yaml", raw)
+
+    straight = _multitune(["train", str(config("straight"))], 2, tmp_path)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd = [*launcher, "--master_port", str(_port()), "-m", "multitune", "train", str(config("stopped"))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    log = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and '"step": 3,' in log.read_text()):
+        time.sleep(0.05)
+    workers = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
+    workers["1"].send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    saved = [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()]
+    assert len(saved) == 1, (saved, err[-3000:])
+    step = int(saved[0].removeprefix("step-"))
+    assert 3 <= step < 40 and f"at step {step}: checkpoint saved" in out, out[-2000:]
+    assert not (tmp_path / "stopped" / "results.json").exists()
+    done = _multitune(["train", str(config("stopped")), "--resume"], 2, tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"[resume] from step-{step:08d}" in done.stdout
+    _same_weights(tmp_path / "straight", tmp_path / "stopped")
+    _same_losses(_lines(tmp_path / "straight"), _lines(tmp_path / "stopped"), splits=("train",))

@@ -311,20 +311,22 @@ class Recipe:
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == self.steps):
                     stop = self._evaluate_dev()
                 periodic = cfg.train.save_every is not None and self.step % cfg.train.save_every == 0
-                if periodic or stop_after == self.step or signals.requested:
+                requested = signals.requested
+                if self.processes is not None:  # all stop after the same step, so their checkpoint lines up
+                    requested = self.processes.stop_requested(requested)
+                if periodic or stop_after == self.step or requested:
                     self._checkpoint()
                 if stop_after is not None and self.step >= stop_after:
                     bar.close()
                     self.log.flush()
                     self.say(f"[train] stopped after step {self.step} as asked; continue with --resume")
                     return False
-                if signals.requested:
+                if requested:
                     bar.close()
                     self.log.flush()
                     where = self.run_dir / rundir.CHECKPOINTS
                     self.say(
-                        f"[train] {signals.requested} at step {self.step}: checkpoint saved in {where}; "
-                        "--resume continues"
+                        f"[train] {requested} at step {self.step}: checkpoint saved in {where}; --resume continues"
                     )
                     raise KeyboardInterrupt
         return True

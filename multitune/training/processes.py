@@ -14,6 +14,7 @@ are made global here:
 - `task_grads`: the per-task gradients of those losses averaged over the processes: each task's
   gradient over the global batch, the same on every process, which then combines them alike.
 - `rank_spread`: whether the processes still hold the same weights (checked at every log step).
+- `stop_requested`: a signal to any process stops all of them after the same step.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class Processes:
     def task_grads(self, grads: torch.Tensor) -> torch.Tensor:
         """(K, P) per-task gradients of `task_losses`' losses, averaged over the processes."""
         return self.reduce_sum(grads) / self.world
+
+    def stop_requested(self, mine: str | None) -> str | None:
+        """Whether any process was asked to stop (Ctrl-C, SIGTERM), after every step: a signal
+        reaches the processes at slightly different times, and a process that went on to the next
+        step alone would wait for the others for ever (a collective call)."""
+        anyone = float(self.reduce_sum(torch.tensor([1.0 if mine else 0.0]))[0]) > 0
+        return mine or ("a stop signal on another process" if anyone else None)
 
     def rank_spread(self, params: list[torch.Tensor], step: int) -> float:
         """How far apart the processes' trainable weights are (the largest difference of their sum
