@@ -152,6 +152,29 @@ def test_target_logprobs_ignore_padding(arch, tiny_model_dirs):
     assert torch.allclose(together, torch.stack(ref), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_the_models_own_forward_gives_the_target_logprobs_of_the_split_one(arch, tiny_model_dirs, monkeypatch):
+    """DDP and FSDP go through the model's own forward (logits only where a target is predicted,
+    a boolean logits_to_keep); one process calls the decoder and the LM head apart: the same."""
+    import multitune.models.forward as forward
+    from multitune.data.encode import Encoder
+
+    model = load_base_model(str(tiny_model_dirs[arch])).eval()
+    tok = load_tokenizer(str(tiny_model_dirs[arch]))
+    enc = Encoder(tok, {"t": 0}, 64)
+    texts = ["a long prompt with many words in it", "short", "a third one here", "x y"]
+    rows = [enc.encode(Example("t", p, "positive negative"[: 4 + 3 * i])) for i, p in enumerate(texts)]
+    width = max(len(r.input_ids) for r in rows)
+    for batch in (collate(rows, tok.pad_token_id), pack(rows, tok.pad_token_id, length=2 * width, by_task=False)):
+        with torch.no_grad():
+            split, split_rows, split_pooled = forward.target_logprobs_and_pooled(model, batch, 1)
+            with monkeypatch.context() as m:
+                m.setattr(forward, "_decoder_and_head", lambda model: None)
+                own, own_rows, own_pooled = forward.target_logprobs_and_pooled(model, batch, 1)
+        assert torch.equal(split_rows, own_rows) and split.shape == own.shape == (int((batch.labels != -100).sum()),)
+        assert torch.allclose(split, own, atol=1e-5) and torch.allclose(split_pooled, own_pooled, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch,by_task", [("llama", False), ("llama", True), ("qwen2", False), ("gpt2", True)])
 def test_packed_rows_give_the_losses_of_the_rows_alone(arch, by_task, tiny_model_dirs):
     model = load_base_model(str(tiny_model_dirs[arch])).eval()

@@ -46,12 +46,6 @@ class Batch:
     def n_rows(self) -> int:
         return int(self.row_task_ids.shape[0])
 
-    @property
-    def target_span(self) -> int:
-        """How many positions from the right edge hold a target token (at least 1)."""
-        has = (self.labels != IGNORE).any(dim=0).nonzero()
-        return int(self.labels.shape[1] - has.min()) if has.numel() else 1
-
     def row_tokens(self) -> torch.Tensor:
         """Real (non-pad) tokens of each row: (R,)."""
         ids = self.row_ids[self.row_ids >= 0]

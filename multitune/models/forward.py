@@ -52,18 +52,18 @@ def _forward(model: torch.nn.Module, batch: Batch, layer: int | None):
         hidden = out.last_hidden_state
         logits = head(hidden[:, :-1][where]).float()  # (N, V)
     else:
-        # the model's own forward: logits for the right-most positions that hold targets
-        keep = 0 if batch.packed else min(batch.target_span + 1, batch.input_ids.shape[1])
+        # the model's own forward, its LM head too only where a target is predicted: a boolean
+        # (B, T) mask makes transformers' models return those positions' logits, (N, V) in the
+        # order of `where`
         out = model(
             input_ids=batch.input_ids,
             attention_mask=mask,
             position_ids=batch.position_ids,
-            logits_to_keep=keep,
+            logits_to_keep=F.pad(where, (0, 1)),
             use_cache=False,
             output_hidden_states=layer is not None,
         )
-        width = out.logits.shape[1] - 1
-        logits = out.logits[:, :-1][where[:, -width:]].float()
+        logits = out.logits.float()
     logp = -F.cross_entropy(logits, targets, reduction="none")
     pooled = None if layer is None else _pool_rows(out.hidden_states[layer], batch)
     return logp, rows, pooled
