@@ -18,6 +18,8 @@ docs/results/, so nothing has to be trained twice; `restore` puts the collected 
 results back under a new STUDY folder (compare reuses a run whose results.json is finished, so the
 baselines are not trained again on another machine); `table` rebuilds the tables from there.
 `--merge` needs the single-task runs' weights, which restored results do not have: train them.
+With `--seeds`, each seed's runs go to RUN/seed-<s>; the seed-0 runs trained before without
+`--seeds` (in RUN itself) are copied there and reused, not trained again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ STUDY = HERE / "quality" / "study.yaml"
 RESULTS = HERE.parent / "docs" / "results"
 TASKS = ("sst2", "ag_news", "rte", "medical_abstracts")
 SINGLES = "single-r16"
+STUDY_SEED = 0  # train.seed of study.yaml (tests/test_study.py checks it)
 
 # name -> overrides of study.yaml (LoRA rank 16, alpha 32, lr 5e-4 unless set here)
 VARIANTS = {
@@ -56,6 +59,23 @@ def data_overrides(data: str) -> list[str]:
     return [f"tasks.{t}.data.{s}={Path(data) / t / f'{s}.jsonl'}" for t in TASKS for s in ("train", "dev")]
 
 
+def _seed_dir_from_before(run: Path, seed: int) -> None:
+    """A run trained without --seeds sits in RUN itself; with --seeds, its seed's run is
+    RUN/seed-<seed>: the small outputs are copied there, so compare reuses it instead of training
+    it again (compare reuses a run whose results.json is finished)."""
+    dst = run / f"seed-{seed}"
+    results = run / "results.json"
+    if (dst / "results.json").exists() or not results.is_file():
+        return
+    if "fine_tuned" not in json.loads(results.read_text()):
+        return
+    dst.mkdir()
+    for name in ("config.yaml", "results.md", "results.json"):  # results.json last: it marks the run finished
+        if (run / name).is_file():
+            shutil.copyfile(run / name, dst / name)
+    print(f"reusing {run} as {dst}")
+
+
 def train_variant(args) -> None:
     from multitune.analysis.experiments import compare_run
 
@@ -64,6 +84,9 @@ def train_variant(args) -> None:
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
     singles = str(Path(args.runs) / SINGLES)
+    if args.seeds and STUDY_SEED in args.seeds:
+        for run in [out, *(Path(singles) / t for t in TASKS)]:
+            _seed_dir_from_before(run, STUDY_SEED)
     done = compare_run(STUDY, overrides, singles=singles, resume=True, seeds=args.seeds, merge=args.merge)
     print(done["text"])
 
