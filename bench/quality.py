@@ -87,7 +87,8 @@ def train_variant(args) -> None:
     if args.seeds and STUDY_SEED in args.seeds:
         for run in [out, *(Path(singles) / t for t in TASKS)]:
             _seed_dir_from_before(run, STUDY_SEED)
-    done = compare_run(STUDY, overrides, singles=singles, resume=True, seeds=args.seeds, merge=args.merge)
+    merge = {"merge": args.merge, "merge_weight": args.merge_weight, "merge_density": args.merge_density}
+    done = compare_run(STUDY, overrides, singles=singles, resume=True, seeds=args.seeds, **merge)
     print(done["text"])
 
 
@@ -174,21 +175,19 @@ def table(args) -> None:
         n = len(c.get("seeds", [0]))
         accs = [c["tasks"][t]["multi"] for t in TASKS]
         lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
-        seconds = json.loads((RESULTS / variant / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
+        if "method" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
+            how = ", ".join(
+                [c["method"], f"weight {c.get('weight', 1.0):g}"]
+                + [f"density {c['density']:g}"] * (c.get("density") is not None)
+            )
+            variant, seconds = f"merged single-task LoRAs ({how})", 0
+        else:
+            seconds = json.loads((folder / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
         cells = " | ".join(f"{a:.1f}" for a in accs)
         print(
             f"| {variant} | {n} | {cells} | {sum(accs) / len(accs):.1f} | "
             f"{c['delta_m']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
         )
-        if "merged" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
-            m = c["merged"]
-            accs = [m["tasks"][t]["multi"] for t in TASKS]
-            lo, hi = m.get("delta_m_interval", [float("nan")] * 2)
-            cells = " | ".join(f"{a:.1f}" for a in accs)
-            print(
-                f"| merged single-task LoRAs ({m['method']}) | {n} | {cells} | {sum(accs) / len(accs):.1f} | "
-                f"{m['delta_m']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | 0 |"
-            )
 
 
 def versus(args) -> None:
@@ -229,6 +228,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="more overrides (e.g. train.lr=1e-3)")
     p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
     p.add_argument("--merge", help="also merge the single-task LoRAs with this method (e.g. cat) and compare")
+    p.add_argument("--merge-weight", type=float, help="--merge: every run's weight (default 1)")
+    p.add_argument("--merge-density", type=float, help="--merge ties / dare_*: density (default 0.5)")
     sub.add_parser("zero-shot")
     sub.add_parser("collect")
     sub.add_parser("restore")

@@ -326,7 +326,8 @@ def affinity(config: str | Path | dict | RunConfig, overrides: list[str] | None 
 def compare(config: str | Path | dict | RunConfig, overrides: list[str] | None = None, **options) -> dict:
     """Single-task baselines against the multi-task run (`multitune compare`): per-task deltas,
     Δm, intervals, and the table as "text"; options: singles, reuse, overwrite, resume, seeds, merge
-    (also merge the single-task LoRAs with this method and compare that model too)."""
+    (also merge the single-task LoRAs with this method and compare that model too), merge_weight,
+    merge_density."""
     from multitune.analysis.experiments import compare_run
 
     return compare_run(config, overrides, **options)

@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--merge", metavar="METHOD", help=f"also merge the single-task LoRAs ({merge_methods}) and compare that model"
     )
+    p.add_argument("--merge-weight", type=float, help="--merge: every run's weight (default 1; 1/tasks: their mean)")
+    p.add_argument("--merge-density", type=float, help="--merge ties / dare_* / magnitude_prune: density (default 0.5)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true", help="replace non-empty output dirs of runs it trains")
     g.add_argument(
@@ -360,6 +362,8 @@ def _compare(args) -> int:
             resume=args.resume,
             seeds=args.seeds,
             merge=args.merge,
+            merge_weight=args.merge_weight,
+            merge_density=args.merge_density,
         )["text"]
     )
     return 0

@@ -73,6 +73,32 @@ def merged_config(sources: list[tuple[Path, RunConfig]], output: str | Path, ran
     return merged
 
 
+def check_options(
+    method: str, n_runs: int, weights: list[float] | None, density: float | None, rank: int | None
+) -> tuple[list[float], float | None]:
+    """(the weights, the density) a merge of `n_runs` runs uses, or one line saying what is wrong."""
+    if method not in MERGE_METHODS:
+        raise MultituneError(f"unknown merge method '{method}'; choose one of: {', '.join(MERGE_METHODS)}")
+    if n_runs < 2:
+        raise MultituneError("merge needs at least two runs")
+    weights = [1.0] * n_runs if weights is None else [float(w) for w in weights]
+    if len(weights) != n_runs:
+        raise MultituneError(f"--weights gives {len(weights)} numbers for {n_runs} runs: one per run")
+    if not all(math.isfinite(w) for w in weights):
+        raise MultituneError(f"--weights must be finite numbers, got {weights}")
+    if method in WITH_DENSITY:
+        density = 0.5 if density is None else density
+        if not 0.0 < density <= 1.0:
+            raise MultituneError(f"--density must be in (0, 1], got {density}")
+    elif density is not None:
+        raise MultituneError(f"--density is for {', '.join(WITH_DENSITY)}, not {method}")
+    if rank is not None and method != "svd":
+        raise MultituneError(f"--rank is for svd, not {method}")
+    if rank is not None and rank < 1:
+        raise MultituneError(f"--rank must be >= 1, got {rank}")
+    return weights, density
+
+
 def merge_runs(
     runs: list[str | Path],
     output: str | Path,
@@ -91,26 +117,8 @@ def merge_runs(
     from multitune.models.load import save_trained_model
     from multitune.runtime import threads
 
-    if method not in MERGE_METHODS:
-        raise MultituneError(f"unknown merge method '{method}'; choose one of: {', '.join(MERGE_METHODS)}")
-    if len(runs) < 2:
-        raise MultituneError("merge needs at least two runs")
     paths = [Path(r) for r in runs]
-    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(paths):
-        raise MultituneError(f"--weights gives {len(weights)} numbers for {len(paths)} runs: one per run")
-    if not all(math.isfinite(w) for w in weights):
-        raise MultituneError(f"--weights must be finite numbers, got {weights}")
-    if method in WITH_DENSITY:
-        density = 0.5 if density is None else density
-        if not 0.0 < density <= 1.0:
-            raise MultituneError(f"--density must be in (0, 1], got {density}")
-    elif density is not None:
-        raise MultituneError(f"--density is for {', '.join(WITH_DENSITY)}, not {method}")
-    if rank is not None and method != "svd":
-        raise MultituneError(f"--rank is for svd, not {method}")
-    if rank is not None and rank < 1:
-        raise MultituneError(f"--rank must be >= 1, got {rank}")
+    weights, density = check_options(method, len(paths), weights, density, rank)
     sources = [(p, *_source(p)) for p in paths]
     ranks = [cfg.method.rank for _, cfg, _ in sources]
     if method in SAME_RANK and len(set(ranks)) > 1:

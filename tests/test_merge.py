@@ -183,3 +183,22 @@ def test_compare_merge_adds_the_merged_model_beside_joint_training(run_config, t
     bad = run_config(method={"name": "moe_lora", "rank": 4, "experts": 2})
     assert main(["compare", str(write_yaml(tmp_path / "moe.yaml", bad)), "--merge", "cat"]) == 2
     assert "--merge combines single-task LoRA runs; this run's method is moe_lora" in capsys.readouterr().err
+    # the merge's own comparison beside it; other weights and densities get folders of their own
+    assert json.loads((tmp_path / "run-merged-cat" / "compare.json").read_text()) == summary["merged"]
+    assert main(["compare", str(cfg), "--reuse", "--merge", "linear", "--merge-weight", "0.5"]) == 0
+    assert main(["compare", str(cfg), "--reuse", "--merge", "ties", "--merge-density", "0.3"]) == 0
+    linear = json.loads((tmp_path / "run-merged-linear-w0.5" / "results.json").read_text())["merge"]
+    ties = json.loads((tmp_path / "run-merged-ties-d0.3" / "results.json").read_text())["merge"]
+    assert (linear["method"], linear["weights"], linear["density"]) == ("linear", [0.5, 0.5], None)
+    assert (ties["method"], ties["weights"], ties["density"]) == ("ties", [1.0, 1.0], 0.3)
+    beside = json.loads((tmp_path / "run-merged-ties-d0.3" / "compare.json").read_text())
+    assert (beside["method"], beside["weight"], beside["density"]) == ("ties", 1.0, 0.3)
+    assert json.loads((tmp_path / "run-merged-cat" / "compare.json").read_text()) == summary["merged"]  # kept
+    capsys.readouterr()
+    assert main(["compare", str(cfg), "--merge-weight", "0.5"]) == 2
+    assert "--merge-weight and --merge-density go with --merge METHOD" in capsys.readouterr().err
+    assert main(["compare", str(cfg), "--merge", "cat", "--merge-density", "0.3"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "multitune: error: --density is for ties, dare_ties, dare_linear, magnitude_prune, not cat"
+    )

@@ -74,6 +74,8 @@ def compare_run(
     resume: bool = False,
     seeds: list[int] | None = None,
     merge: str | None = None,
+    merge_weight: float | None = None,
+    merge_density: float | None = None,
 ) -> dict:
     """Train one single-task run per task (same method, budget and settings; each sees as many
     rows of its task as the multi-task run does) and the multi-task run, then compare them: per-task
@@ -89,15 +91,24 @@ def compare_run(
     `<output>/seed-<s>` and `<singles>/<task>/seed-<s>`; the table shows mean ± std over seeds and
     the interval of the seed-averaged per-row scores. `merge`: also merge each seed's single-task
     LoRAs with this method (multitune/merging.py) into `<output>-merged-<method>` and compare that
-    model with the same baselines ("merged" in compare.json, a second table in the text)."""
+    model with the same baselines ("merged" in compare.json, a second table in the text);
+    `merge_weight`: every run's weight in it (default 1: cat is then the sum of the updates, 1 /
+    the number of tasks their mean), `merge_density`: ties / dare / magnitude_prune's (0.5); the
+    folder name then ends in -w<weight> / -d<density>."""
     cfg = as_config(config, overrides)
+    if merge is None and (merge_weight is not None or merge_density is not None):
+        raise MultituneError("--merge-weight and --merge-density go with --merge METHOD")
+    merged_name = f"{cfg.output}-merged-{merge}"
     if merge is not None:
-        from multitune.merging import MERGE_METHODS
+        from multitune.merging import check_options
 
-        if merge not in MERGE_METHODS:
-            raise MultituneError(f"unknown merge method '{merge}'; choose one of: {', '.join(MERGE_METHODS)}")
+        weights = None if merge_weight is None else [merge_weight] * len(cfg.tasks)
+        merge_density = check_options(merge, len(cfg.tasks), weights, merge_density, None)[1]
         if cfg.method.name != "lora":
             raise MultituneError(f"--merge combines single-task LoRA runs; this run's method is {cfg.method.name}")
+        merged_name += (f"-w{merge_weight:g}" if merge_weight is not None else "") + (
+            f"-d{merge_density:g}" if merge_density is not None and merge_density != 0.5 else ""
+        )
     singles_dir = Path(singles or f"{cfg.output}-single")
     sizes = {t: len(rows) for t, rows in rundir.load_examples(cfg, "train").items()}
     missing = [t.name for t in cfg.tasks if t.name not in sizes]
@@ -125,8 +136,9 @@ def compare_run(
         multi.train.seed, multi.output = seed, str(_seed_dir(Path(cfg.output), seed, seeds))
         multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume, count))
         if merge is not None:
-            merged_dir = _seed_dir(Path(f"{cfg.output}-merged-{merge}"), seed, seeds)
-            merged_runs.append(_merged(seed_singles, merged_dir, merge, reuse, overwrite, resume, count))
+            merged_dir = _seed_dir(Path(merged_name), seed, seeds)
+            how = {"method": merge, "weights": weights, "density": merge_density}
+            merged_runs.append(_merged(seed_singles, merged_dir, how, reuse, overwrite, resume, count))
     metric = {t.name: primary_metric(t) for t in cfg.tasks}
     higher = {t: higher_is_better(m) for t, m in metric.items()}
     summary = compare_seeds(multi_runs, single_runs, metric, higher)
@@ -134,12 +146,17 @@ def compare_run(
     text = _compare_text(summary, metric, f"{cfg.train.balance.method} balance")
     if merge is not None:
         summary["merged"] = compare_seeds(merged_runs, single_runs, metric, higher)
-        summary["merged"].update(seeds=summary["seeds"], method=merge)
+        options = {"weight": 1.0 if merge_weight is None else merge_weight, "density": merge_density}
+        summary["merged"].update(seeds=summary["seeds"], method=merge, output=merged_name, **options)
         merged_text = _compare_text(summary["merged"], metric, f"{merge} merge", "merged LoRAs")
-        text += f"\n\nMerged single-task LoRAs ({merge}, {cfg.output}-merged-{merge}):\n\n{merged_text}"
+        text += f"\n\nMerged single-task LoRAs ({merge}, {merged_name}):\n\n{merged_text}"
     with RunLock(cfg.output):
         write_atomic(Path(cfg.output) / rundir.COMPARE_JSON, json.dumps(summary, indent=1) + "\n")
         write_atomic(Path(cfg.output) / rundir.COMPARE_MD, text + "\n")
+    if merge is not None:  # the merge's own comparison beside it, so that several merges keep theirs
+        with RunLock(merged_name):
+            write_atomic(Path(merged_name) / rundir.COMPARE_JSON, json.dumps(summary["merged"], indent=1) + "\n")
+            write_atomic(Path(merged_name) / rundir.COMPARE_MD, merged_text + "\n")
     return {**summary, "text": text}
 
 
@@ -259,7 +276,7 @@ def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = Fal
 
 
 def _merged(
-    singles: list[Path], out: Path, method: str, reuse: bool, overwrite: bool, resume: bool, count: dict | None = None
+    singles: list[Path], out: Path, how: dict, reuse: bool, overwrite: bool, resume: bool, count: dict | None = None
 ) -> dict:
     """The merged single-task LoRAs' `fine_tuned` results, merged unless reused."""
     from multitune.merging import merge_runs
@@ -269,6 +286,6 @@ def _merged(
         if done:
             print(f"[compare] {_step(count)}reusing {out}")
             return done
-    print(f"[compare] {_step(count)}merging {len(singles)} single-task runs ({method}) into {out}")
+    print(f"[compare] {_step(count)}merging {len(singles)} single-task runs ({how['method']}) into {out}")
     # a merge that stopped before its results is redone: it is a run dir of ours, and cheap
-    return merge_runs(singles, out, method=method, overwrite=overwrite or resume)["fine_tuned"]
+    return merge_runs(singles, out, **how, overwrite=overwrite or resume)["fine_tuned"]
