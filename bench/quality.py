@@ -128,7 +128,8 @@ def collect(args) -> None:
         dst = RESULTS / compare.parent.relative_to(runs)
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("compare.json", "compare.md"):
-            shutil.copyfile(compare.parent / name, dst / name)
+            text = (compare.parent / name).read_text(encoding="utf-8")
+            (dst / name).write_text(text.replace(str(runs.resolve()), "STUDY"), encoding="utf-8")
     print(f"copied into {RESULTS}")
 
 
@@ -176,10 +177,9 @@ def table(args) -> None:
         accs = [c["tasks"][t]["multi"] for t in TASKS]
         lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
         if "method" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
-            how = ", ".join(
-                [c["method"], f"weight {c.get('weight', 1.0):g}"]
-                + [f"density {c['density']:g}"] * (c.get("density") is not None)
-            )
+            how = f"{c['method']}, weight {c.get('weight', 1.0):g}"
+            if c.get("density") is not None:
+                how += f", density {c['density']:g}"
             variant, seconds = f"merged single-task LoRAs ({how})", 0
         else:
             seconds = json.loads((folder / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
