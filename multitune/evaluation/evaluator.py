@@ -27,6 +27,7 @@ from multitune.config import RunConfig, TaskConfig
 from multitune.data.collate import collate
 from multitune.data.encode import IGNORE, Encoded, Encoder
 from multitune.data.sources import Example
+from multitune.evaluation.shards import gathered, rank_and_world
 from multitune.methods.task_context import task_context
 from multitune.models.forward import target_logprobs
 from multitune.progress import progress
@@ -384,7 +385,7 @@ def evaluate(
     `gate_ids`: task name -> id seen by task-gated layers, when it differs from the run's order
     (tasks of another config, unknown tasks mapped to a fallback gate)."""
     out: dict = {"tasks": {}}
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     total = sum(len((examples.get(t.name) or [])[rank::world]) for t in cfg.tasks)
     main = int(os.environ.get("RANK", "0")) == 0  # one bar under `accelerate launch`
     with progress(total, "eval", enabled=main and show_progress, every=30) as bar:
@@ -398,37 +399,13 @@ def evaluate(
             # sharded: each process predicts every world-th row, then all of them hold all predictions
             shard = rows[rank::world]  # empty on some processes when a task has fewer rows than processes
             mine = predict(model, encoder, task, shard, size, cfg.eval.max_new_tokens, tid, bar.update) if shard else []
-            preds = _gathered(mine, len(rows), world)
+            preds = gathered(mine, len(rows), world)
             out["tasks"][task.name] = {**score(task, rows, preds), "n": len(rows)}
             per_row = row_scores(task, rows, preds)
             if per_row is not None:
                 out.setdefault("rows", {})[task.name] = per_row
     out["mean"] = mean_primary(cfg, out["tasks"])
     return out
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the process count of a started process group (training under
-    `accelerate launch` / torchrun), else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gathered(mine: list, n_rows: int, world: int) -> list:
-    """Every process's predictions of its rows (rank r: rows r, r + world, ...) in row order."""
-    if world == 1:
-        return mine
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, mine)
-    preds: list = [None] * n_rows
-    for rank, part in enumerate(parts):
-        preds[rank::world] = part
-    return preds
 
 
 def mean_primary(cfg: RunConfig, task_scores: dict[str, dict]) -> float | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
 from multitune import rundir
@@ -44,9 +44,8 @@ from multitune.training.checkpoint import load_checkpoint, load_latest, save_che
 from multitune.training.early_stopping import restore_best, should_stop
 from multitune.training.metrics_log import LossWindow, MetricsLog, series, truncate_log
 from multitune.training.probes import Probes
-from multitune.training.processes import Processes
+from multitune.training.processes import Processes, check_launch
 from multitune.training.sharding import (
-    check_shardable,
     full_state,
     full_weights,
     full_weights_state,
@@ -100,23 +99,7 @@ class Recipe:
         unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if task_gated(cfg.method) else []
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=unused)
         self.main = self.accelerator.is_main_process
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            if not self.accelerator.is_fsdp2:
-                raise MultituneError("FSDP runs with fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
-            check_shardable(cfg, task_gated(cfg.method))
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # examples/accelerate/deepspeed_zero2.yaml
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                raise MultituneError("DeepSpeed ZeRO-3 shards the weights: use examples/accelerate/fsdp2.yaml")
-            check_shardable(cfg, task_gated(cfg.method), "DeepSpeed")
-        if self.accelerator.num_processes > 1:  # before anything is written
-            if cfg.train.affinity_every:
-                raise MultituneError(
-                    "affinity_every takes its lookahead steps in one process; run it without accelerate launch"
-                )
-            if cfg.train.domain is not None:  # its classifier would drift apart too
-                raise MultituneError(
-                    "train.domain computes its loss over one process's rows; run it without accelerate launch"
-                )
+        check_launch(cfg, self.accelerator)  # before anything is written
         self.say = print if self.main else (lambda *a, **k: None)
         self.step = 0
         # what a checkpoint keeps besides the weights: early stopping's record and the throughput counts

@@ -20,8 +20,35 @@ are made global here:
 from __future__ import annotations
 
 import torch
+from accelerate.utils import DistributedType
 
+from multitune.config import RunConfig
 from multitune.errors import MultituneError
+from multitune.methods import task_gated
+from multitune.training.sharding import check_shardable
+
+
+def check_launch(cfg: RunConfig, accelerator) -> None:
+    """One line for what the way the run was launched (several processes, FSDP, DeepSpeed)
+    cannot run, before anything is written."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise MultituneError("FSDP runs with fsdp_version: 2 in the accelerate config (FSDP1 is not supported)")
+        check_shardable(cfg, task_gated(cfg.method))
+    if kind == DistributedType.DEEPSPEED:  # examples/accelerate/deepspeed_zero2.yaml
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise MultituneError("DeepSpeed ZeRO-3 shards the weights: use examples/accelerate/fsdp2.yaml")
+        check_shardable(cfg, task_gated(cfg.method), "DeepSpeed")
+    if accelerator.num_processes > 1:
+        if cfg.train.affinity_every:
+            raise MultituneError(
+                "affinity_every takes its lookahead steps in one process; run it without accelerate launch"
+            )
+        if cfg.train.domain is not None:  # its classifier would drift apart too
+            raise MultituneError(
+                "train.domain computes its loss over one process's rows; run it without accelerate launch"
+            )
 
 
 class Processes:

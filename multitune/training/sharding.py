@@ -67,10 +67,7 @@ def full_weights(model: torch.nn.Module, reshard_after_forward: bool) -> Iterato
     """Every FSDP unit of `model` gathered for the block (a collective on entry), kept whole
     through its forwards (so a process can run forwards the others do not), sharded again on
     exit; `reshard_after_forward` is the value training uses (the root unit keeps False, as FSDP
-    sets it). A no-op for a model that is not sharded."""
-    if not is_sharded(model):
-        yield
-        return
+    sets it). A no-op for a model that is not sharded (it has no unit)."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
