@@ -9,6 +9,7 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
     python bench/quality.py table                                            # docs/results -> markdown tables
     python bench/quality.py versus cgc-count lora-r16                        # two variants, paired over dev rows
+    python bench/quality.py versus cgc-count lora-r16 --seeds 0 1 2          # the same over their seeds' runs
 
 `train` runs `multitune compare` on bench/quality/study.yaml with the variant's overrides, the
 single-task baselines shared by every variant in STUDY/single-r16, and --resume: a stopped study
@@ -169,12 +170,19 @@ def table(args) -> None:
         mean = sum(singles.values()) / len(TASKS)
         cells = " | ".join(f"{singles[t]:.1f}" for t in TASKS)
         print(f"| one LoRA per task (r16 each) | 1 | {cells} | {mean:.1f} | 0 | |")
+    seed_sets = []  # the single-task LoRAs of every set of seeds a variant was trained with
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
         variant = folder.name
         compare = folder / "compare.json"
         c = json.loads(compare.read_text())
-        n = len(c.get("seeds", [0]))
-        accs = [c["tasks"][t]["multi"] for t in TASKS]
+        seeds = c.get("seeds", [STUDY_SEED])
+        n = len(seeds)
+        if n > 1 and seeds not in seed_sets:
+            seed_sets.append(seeds)
+            single = [(c["tasks"][t]["single"], c["tasks"][t]["single_std"]) for t in TASKS]
+            mean = sum(m for m, _ in single) / len(TASKS)
+            print(f"| one LoRA per task (r16 each) | {n} | {_cells(single)} | {mean:.1f} | 0 | |")
+        accs = [(c["tasks"][t]["multi"], c["tasks"][t].get("multi_std", 0.0) if n > 1 else None) for t in TASKS]
         lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
         if "method" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
             how = f"{c['method']}, weight {c.get('weight', 1.0):g}"
@@ -183,32 +191,55 @@ def table(args) -> None:
             variant, seconds = f"merged single-task LoRAs ({how})", 0
         else:
             seconds = json.loads((folder / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
-        cells = " | ".join(f"{a:.1f}" for a in accs)
+        dm = f"{c['delta_m']:+.2f}%" + (f" ± {c['delta_m_std']:.2f}" if n > 1 else "")
         print(
-            f"| {variant} | {n} | {cells} | {sum(accs) / len(accs):.1f} | "
-            f"{c['delta_m']:+.2f}% [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
+            f"| {variant} | {n} | {_cells(accs)} | {sum(m for m, _ in accs) / len(accs):.1f} | "
+            f"{dm} [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
         )
+
+
+def _cells(values: list[tuple[float, float | None]]) -> str:
+    """Accuracies as table cells: `mean ± std` over seeds, or the value of one seed (std None)."""
+    return " | ".join(f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}" for m, sd in values)
+
+
+def _fine_tuned_runs(name: str, seeds: list[int] | None) -> list[dict]:
+    """The collected `fine_tuned` results of a variant: RESULTS/name, or one per seed."""
+    folders = [RESULTS / name] if not seeds else [RESULTS / name / f"seed-{s}" for s in seeds]
+    runs = []
+    for folder in folders:
+        path = folder / "results.json"
+        if not path.is_file():
+            how = f" --seeds {' '.join(map(str, seeds))}" if seeds else ""
+            sys.exit(f"{path} not found: train and collect {name}{how} first")
+        runs.append(json.loads(path.read_text())["fine_tuned"])
+    return runs
 
 
 def versus(args) -> None:
     """Variant A against variant B on the same dev rows (collected results): per-task Δ and Δm of A
-    relative to B with 95% paired-bootstrap intervals, as compare reports A against the singles."""
-    from multitune.analysis.bootstrap import paired_bootstrap
+    relative to B with 95% paired-bootstrap intervals, as compare reports A against the singles.
+    With --seeds, each row's score is first averaged over the seeds (as compare --seeds does), and
+    each task's accuracy is shown as mean ± std over them."""
+    from multitune.analysis.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
 
-    rows = {}
-    for name in (args.a, args.b):
-        path = RESULTS / name / "results.json"
-        if not path.is_file():
-            sys.exit(f"{path} not found: train and collect {name} first")
-        rows[name] = json.loads(path.read_text())["fine_tuned"]
-    a, b = rows[args.a], rows[args.b]
-    boot = paired_bootstrap(a["rows"], b["rows"], {t: True for t in TASKS})
-    print(f"| task | {args.a} | {args.b} | Δ (95% interval) |")
+    a_runs, b_runs = _fine_tuned_runs(args.a, args.seeds), _fine_tuned_runs(args.b, args.seeds)
+    a = {t: seed_mean_rows([r["rows"][t] for r in a_runs]) for t in TASKS}
+    b = {t: seed_mean_rows([r["rows"][t] for r in b_runs]) for t in TASKS}
+    boot = paired_bootstrap(a, b, {t: True for t in TASKS})
+    n = len(a_runs)
+
+    def cell(runs: list[dict], t: str) -> tuple[float, str]:
+        mean, std = mean_std([r["tasks"][t]["accuracy"] for r in runs])
+        return mean, f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+    seeds = f" (mean ± std over seeds {' '.join(map(str, args.seeds))})" if n > 1 else ""
+    print(f"| task | {args.a}{seeds} | {args.b} | Δ (95% interval) |")
     print("|---|---|---|---|")
     for t in TASKS:
         lo, hi = boot["tasks"][t]["delta"]
-        acc_a, acc_b = a["tasks"][t]["accuracy"], b["tasks"][t]["accuracy"]
-        print(f"| {t} | {acc_a:.2f} | {acc_b:.2f} | {acc_a - acc_b:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+        (acc_a, text_a), (acc_b, text_b) = cell(a_runs, t), cell(b_runs, t)
+        print(f"| {t} | {text_a} | {text_b} | {acc_a - acc_b:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
     lo, hi = boot["delta_m"]
     print(
         f"\nΔm of {args.a} relative to {args.b}: 95% interval [{lo:+.2f}, {hi:+.2f}]%, "
@@ -237,6 +268,7 @@ def main() -> None:
     p = sub.add_parser("versus")
     p.add_argument("a", help="a collected variant, e.g. cgc-count")
     p.add_argument("b", help="the one to compare it with, e.g. lora-r16")
+    p.add_argument("--seeds", type=int, nargs="+", help="compare the seeds' runs (RESULTS/VARIANT/seed-<s>)")
     args = parser.parse_args()
     if args.command == "train":
         if not (args.data and args.runs):

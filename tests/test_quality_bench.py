@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +42,43 @@ def test_a_run_from_before_seeds_becomes_its_seed_dir_once(tmp_path, capsys):
     q._seed_dir_from_before(finished, 0)
     assert (finished / "seed-0" / "results.json").read_text() == "{}"
     assert capsys.readouterr().out.count("reusing") == 1
+
+
+def _fine_tuned(rows: float, n: int = 4) -> dict:
+    """A collected results.json whose every task scored `rows` (0 or 100) on each of n dev rows."""
+    q = _quality()
+    return {"fine_tuned": {"tasks": {t: {"accuracy": rows} for t in q.TASKS}, "rows": {t: [rows] * n for t in q.TASKS}}}
+
+
+def test_versus_over_seeds_averages_each_row_over_the_seeds(tmp_path, monkeypatch, capsys):
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    for name, scores in (("a", (100.0, 100.0)), ("b", (0.0, 100.0))):
+        for seed, score in zip((0, 1), scores, strict=True):
+            (tmp_path / name / f"seed-{seed}").mkdir(parents=True)
+            (tmp_path / name / f"seed-{seed}" / "results.json").write_text(json.dumps(_fine_tuned(score)))
+    q.versus(type("Args", (), {"a": "a", "b": "b", "seeds": [0, 1]}))
+    out = capsys.readouterr().out
+    # b's rows average to 50 over its two seeds, a's to 100: every resample's Δ is +50, Δm +100%
+    assert "| sst2 | 100.00 ± 0.00 | 50.00 ± 70.71 | +50.00 [+50.00, +50.00] |" in out
+    assert "| a (mean ± std over seeds 0 1) | b |" in out
+    assert "95% interval [+100.00, +100.00]%, a better in 100% of resamples" in out
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"a/seed-2/results.json not found: train and collect a --seeds 0 2 first"):
+        q.versus(type("Args", (), {"a": "a", "b": "b", "seeds": [0, 2]}))
+
+
+def test_table_shows_mean_and_std_over_seeds_and_the_singles_of_those_seeds(tmp_path, monkeypatch, capsys):
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    tasks = {t: {"single": 80.0, "single_std": 1.0, "multi": 82.0, "multi_std": 0.5} for t in q.TASKS}
+    compare = {"seeds": [0, 1, 2], "tasks": tasks, "delta_m": 2.5, "delta_m_std": 0.25, "delta_m_interval": [1.0, 4.0]}
+    for name in ("lora-r16", "cgc-count"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps(compare))
+    q.table(None)
+    lines = capsys.readouterr().out.splitlines()
+    singles = "| one LoRA per task (r16 each) | 3 | " + "80.0 ± 1.0 | " * 4 + "80.0 | 0 | |"
+    assert lines.count(singles) == 1
+    row = "| 3 | 82.0 ± 0.5 | 82.0 ± 0.5 | 82.0 ± 0.5 | 82.0 ± 0.5 | 82.0 | +2.50% ± 0.25 [+1.00, +4.00] |  |"
+    assert f"| cgc-count {row}" in lines and f"| lora-r16 {row}" in lines
