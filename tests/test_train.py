@@ -412,6 +412,51 @@ def test_target_presets_pick_blocks_not_names(arch, tiny_model_dirs):
     assert {n.removeprefix("base_model.model.") for n in lora_layers} == set(mlp)
 
 
+@pytest.mark.parametrize(
+    "spec, gate_params",
+    [
+        ({"name": "cgc_lora", "rank": 8, "common_experts": 1, "task_experts": 1}, 2),  # embedding + shared gate
+        ({"name": "moe_lora", "rank": 8, "experts": 2, "gate": "per_layer"}, 1 + 14),  # embedding + a gate per layer
+        ({"name": "lora_experts", "rank": 8, "experts": 2}, 14),  # task logits in every layer
+        ({"name": "mtl_lora", "rank": 4, "up_projections": 2}, 14),
+    ],
+)
+def test_gate_lr_ratio_moves_the_gate_that_many_times_faster(run_config, spec, gate_params):
+    from multitune.methods import param_groups
+
+    cfg = validate_config(run_config(method={**spec, "dropout": 0.0, "gate_lr_ratio": 10}))
+    model = apply_method(load_base_model(cfg.model), cfg.method, cfg.tasks)
+    groups = param_groups(model, cfg.method, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-2)]
+    gate = [names[id(p)] for p in groups[1]["params"]]
+    assert len(gate) == gate_params and all("_gate." in n or "_task_embedding." in n for n in gate)
+    assert not any("gate_proj" in n.split("_gate.")[-1] for n in gate)  # Llama's gate_proj is not a gate
+    # B starts at 0, so the gate's first gradient comes at step 2; AdamW then moves every entry by
+    # lr x m_hat / sqrt(v_hat) = lr x (0.1 / 0.19) / sqrt(0.001 / 0.001999) = 0.7441 lr, whatever the gradient
+    assert _gate_move_after_two_steps(model, groups, gate, cfg) == pytest.approx(0.7441e-2, rel=1e-3)
+    plain = apply_method(load_base_model(cfg.model), cfg.method, cfg.tasks)
+    one_group = param_groups(plain, cfg.method.model_copy(update={"gate_lr_ratio": None}), 1e-3)
+    assert len(one_group) == 1
+    assert _gate_move_after_two_steps(plain, one_group, gate, cfg) == pytest.approx(0.7441e-3, rel=1e-3)
+
+
+def _gate_move_after_two_steps(model, groups: list[dict], gate: list[str], cfg) -> float:
+    from multitune.methods.registry import method
+    from multitune.methods.task_context import task_context
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in gate}
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    rows = method(cfg.method.name).task_ids(model, cfg.task_names, None)
+    for _ in range(2):
+        with task_context(torch.tensor([rows["sst2"], rows["rte"]])):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if n in gate)
+
+
 def test_lora_plus_puts_b_in_a_faster_group(run_config):
     from multitune.methods import param_groups
 

@@ -120,6 +120,10 @@ GATE_NORM = (
     "the output as much as the same rank slots of a plain LoRA at uniform gates); softmax: they sum to 1, "
     "as MOELoRA and CGC-LoRA are published"
 )
+GATE_LR = (
+    "the gate's parameters learn at lr x ratio; AdamW moves a parameter by about lr per step whatever "
+    "its gradient, so at lr 5e-4 a gate logit moves by at most ~0.25 in 500 steps"
+)
 
 
 class MoeLoraMethod(LowRankBudget):
@@ -129,6 +133,7 @@ class MoeLoraMethod(LowRankBudget):
     experts: int = Field(4, ge=1, le=1024)
     gate: Literal["shared", "per_layer"] = "shared"
     gate_norm: Literal["softmax", "count"] = Field("count", description=GATE_NORM)
+    gate_lr_ratio: float | None = Field(None, gt=0, description=GATE_LR)
 
 
 class CgcLoraMethod(LowRankBudget):
@@ -140,6 +145,7 @@ class CgcLoraMethod(LowRankBudget):
     task_experts: int = Field(1, ge=0, le=1024)
     gate: Literal["shared", "per_layer"] = "shared"
     gate_norm: Literal["softmax", "count"] = Field("count", description=GATE_NORM)
+    gate_lr_ratio: float | None = Field(None, gt=0, description=GATE_LR)
 
 
 class LoraExpertsMethod(LowRankBudget):
@@ -151,6 +157,7 @@ class LoraExpertsMethod(LowRankBudget):
     share: Literal["A", "B"] = "A"
     experts: int = Field(4, ge=1, le=1024)
     temperature: float = Field(1.0, gt=0, description="a task's weights are softmax(z_t / temperature)")
+    gate_lr_ratio: float | None = Field(None, gt=0, description=GATE_LR)
 
     @model_validator(mode="after")
     def _rank_splits(self) -> LoraExpertsMethod:
@@ -173,6 +180,7 @@ class MtlLoraMethod(LowRankBudget):
     alpha: float = 16.0  # alpha / r = 2, as the default LoRA's 32 / 16
     up_projections: int = Field(3, ge=1, le=1024)
     temperature: float = Field(0.1, gt=0, description="a task's weights are softmax(z_t / temperature) (paper: 0.1)")
+    gate_lr_ratio: float | None = Field(None, gt=0, description=GATE_LR)
 
 
 class AdapterMethod(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from multitune.config import TaskConfig
+from multitune.errors import MultituneError
 from multitune.methods.dropout import use_word_dropout
 from multitune.methods.registry import method
 
@@ -29,14 +30,26 @@ def saves_adapter(method_name: str) -> bool:
 
 
 def param_groups(model: torch.nn.Module, cfg, lr: float) -> list[dict]:
-    """Optimizer groups: one, or with LoRA+ (Hayou et al. 2024) the B matrices at lr x ratio."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ratio = getattr(cfg, "lora_plus_ratio", None)
-    if not ratio:
-        return [{"params": [p for _, p in params], "lr": lr}]
-    b = [p for n, p in params if "lora_B" in n or "lora_embedding_B" in n]
-    rest = [p for n, p in params if not ("lora_B" in n or "lora_embedding_B" in n)]
-    return [{"params": rest, "lr": lr}, {"params": b, "lr": lr * ratio}]
+    """Optimizer groups: one, or with LoRA+ (Hayou et al. 2024) the B matrices at lr x ratio, and
+    with `gate_lr_ratio` a task-gated method's gate (and task embedding) at lr x that ratio."""
+    lora_plus = getattr(cfg, "lora_plus_ratio", None)
+    gate = getattr(cfg, "gate_lr_ratio", None)
+    # the gate's parameters are named <method>_gate / <method>_task_embedding (PEFT's adapter prefix)
+    gate_names = (f"{cfg.name}_gate.", f"{cfg.name}_task_embedding.")
+    by_ratio: dict[float, list[torch.nn.Parameter]] = {1.0: []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if gate and any(g in name for g in gate_names):
+            ratio = gate
+        elif lora_plus and ("lora_B" in name or "lora_embedding_B" in name):
+            ratio = lora_plus
+        else:
+            ratio = 1.0
+        by_ratio.setdefault(ratio, []).append(p)
+    if gate and not by_ratio.get(gate):
+        raise MultituneError(f"gate_lr_ratio: {cfg.name} has no parameter named {' or '.join(gate_names)}")
+    return [{"params": params, "lr": lr * ratio} for ratio, params in by_ratio.items() if params or ratio == 1.0]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -61,7 +61,7 @@ def _apply_experts(model, cfg, tasks):
     from multitune.methods.targets import resolve_targets
 
     names, clusters = _names_and_clusters(tasks)
-    options = cfg.model_dump(exclude={"name"})
+    options = cfg.model_dump(exclude={"name", "gate_lr_ratio"})  # an optimizer setting
     options["targets"] = resolve_targets(model, cfg.targets)
     return apply_experts(model, cfg.name, names, clusters, **options)
 
@@ -73,7 +73,7 @@ def _apply_shared_factor(model, cfg, tasks):
     from multitune.methods.shared_factor import apply_shared_factor
     from multitune.methods.targets import resolve_targets
 
-    options = cfg.model_dump(exclude={"name"})
+    options = cfg.model_dump(exclude={"name", "gate_lr_ratio"})  # an optimizer setting
     options["targets"] = resolve_targets(model, cfg.targets)
     return apply_shared_factor(model, cfg.name, [t.name for t in tasks], **options)
 
