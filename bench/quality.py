@@ -5,6 +5,7 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
     python bench/quality.py --data DIR --runs STUDY train lora-r16 --merge cat  # + the singles merged
     python bench/quality.py --data DIR --runs STUDY zero-shot                # the base model, whole dev splits
+    python bench/quality.py --data DIR --runs STUDY affinity                 # clusters for train cgc-affinity
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
     python bench/quality.py table                                            # docs/results -> markdown tables
@@ -19,8 +20,11 @@ docs/results/, so nothing has to be trained twice; `restore` puts the collected 
 results back under a new STUDY folder (compare reuses a run whose results.json is finished, so the
 baselines are not trained again on another machine); `table` rebuilds the tables from there.
 `--merge` needs the single-task runs' weights, which restored results do not have: train them.
-With `--seeds`, each seed's runs go to RUN/seed-<s>; the seed-0 runs trained before without
-`--seeds` (in RUN itself) are copied there and reused, not trained again.
+`affinity` measures the lookahead task affinity (`multitune affinity`) on the study's rows and
+writes the proposed clusters to STUDY/affinity/clusters.json; `collect` keeps them, and
+`train cgc-affinity` is cgc-count with those clusters. With `--seeds`, each seed's runs go to
+RUN/seed-<s>; the seed-0 runs trained before without `--seeds` (in RUN itself) are copied there and
+reused, not trained again.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ VARIANTS = {
     "lora-experts-B": ["method.name=lora_experts", "method.share=B", "method.experts=4"],
     "mtl-lora": ["method.name=mtl_lora", "method.rank=8", "method.alpha=16", "method.up_projections=3"],
 }
+AFFINITY_VARIANT = "cgc-affinity"  # cgc-count with the clusters `affinity` proposed (collected)
+AFFINITY_STEPS, AFFINITY_EVERY = 40, 2  # lookahead affinity measured every 2nd of the first 40 steps (320 rows)
+
+
+def variant_overrides(variant: str) -> list[str]:
+    """The overrides of study.yaml that make a variant; cgc-affinity adds the measured clusters."""
+    if variant != AFFINITY_VARIANT:
+        return list(VARIANTS[variant])
+    path = RESULTS / "affinity" / "clusters.json"
+    if not path.is_file():
+        sys.exit(f"{path} not found: run `affinity` and `collect` first")
+    clusters = json.loads(path.read_text())
+    return [*VARIANTS["cgc-count"], *(f"tasks.{t}.cluster={c}" for t, c in clusters.items())]
 
 
 def data_overrides(data: str) -> list[str]:
@@ -81,7 +98,7 @@ def train_variant(args) -> None:
     from multitune.analysis.experiments import compare_run
 
     out = Path(args.runs) / (args.name or args.variant)
-    overrides = [*data_overrides(args.data), *VARIANTS[args.variant], *args.set, f"output={out}"]
+    overrides = [*data_overrides(args.data), *variant_overrides(args.variant), *args.set, f"output={out}"]
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
     singles = str(Path(args.runs) / SINGLES)
@@ -108,6 +125,20 @@ def zero_shot(args) -> None:
     print(done["table"])
 
 
+def affinity(args) -> None:
+    """Lookahead task affinity (TAG) at every AFFINITY_EVERY-th of the first AFFINITY_STEPS steps of
+    the multi-task LoRA on the study's rows, and the 2 clusters it proposes, in STUDY/affinity (clusters.json)."""
+    from multitune.analysis.experiments import affinity_run
+    from multitune.files import write_atomic
+
+    overrides = data_overrides(args.data) + ([f"train.threads={args.threads}"] if args.threads else [])
+    out = Path(args.runs) / "affinity"
+    steps = {"steps": AFFINITY_STEPS, "every": AFFINITY_EVERY}
+    done = affinity_run(STUDY, overrides, **steps, clusters=2, output=str(out), overwrite=True)
+    write_atomic(out / "clusters.json", json.dumps(done["clusters"], indent=1) + "\n")
+    print(done["text"])
+
+
 def collect(args) -> None:
     """Copy the small outputs of every finished run under --runs into docs/results/."""
     runs = Path(args.runs)
@@ -131,6 +162,11 @@ def collect(args) -> None:
         for name in ("compare.json", "compare.md"):
             text = (compare.parent / name).read_text(encoding="utf-8")
             (dst / name).write_text(text.replace(str(runs.resolve()), "STUDY"), encoding="utf-8")
+    if (runs / "affinity" / "clusters.json").is_file():  # `affinity`: no results of its own, its clusters
+        (RESULTS / "affinity").mkdir(parents=True, exist_ok=True)
+        for name in ("clusters.json", "affinity.md", "affinity.png"):
+            if (runs / "affinity" / name).is_file():
+                shutil.copyfile(runs / "affinity" / name, RESULTS / "affinity" / name)
     print(f"copied into {RESULTS}")
 
 
@@ -254,7 +290,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train")
-    p.add_argument("variant", choices=list(VARIANTS))
+    p.add_argument("variant", choices=[*VARIANTS, AFFINITY_VARIANT])
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--set", nargs="*", default=[], help="more overrides (e.g. train.lr=1e-3)")
     p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
@@ -262,6 +298,7 @@ def main() -> None:
     p.add_argument("--merge-weight", type=float, help="--merge: every run's weight (default 1)")
     p.add_argument("--merge-density", type=float, help="--merge ties / dare_*: density (default 0.5)")
     sub.add_parser("zero-shot")
+    sub.add_parser("affinity")
     sub.add_parser("collect")
     sub.add_parser("restore")
     sub.add_parser("table")
@@ -278,6 +315,10 @@ def main() -> None:
         if not (args.data and args.runs):
             sys.exit("zero-shot needs --data and --runs")
         zero_shot(args)
+    elif args.command == "affinity":
+        if not (args.data and args.runs):
+            sys.exit("affinity needs --data and --runs")
+        affinity(args)
     elif args.command == "collect":
         if not args.runs:
             sys.exit("collect needs --runs")

@@ -82,3 +82,19 @@ def test_table_shows_mean_and_std_over_seeds_and_the_singles_of_those_seeds(tmp_
     assert lines.count(singles) == 1
     row = "| 3 | 82.0 ± 0.5 | 82.0 ± 0.5 | 82.0 ± 0.5 | 82.0 ± 0.5 | 82.0 | +2.50% ± 0.25 [+1.00, +4.00] |  |"
     assert f"| cgc-count {row}" in lines and f"| lora-r16 {row}" in lines
+
+
+def test_cgc_affinity_is_cgc_count_with_the_collected_clusters(tmp_path, monkeypatch):
+    from multitune.config import load_config
+
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    with pytest.raises(SystemExit, match=r"affinity/clusters.json not found: run `affinity` and `collect` first"):
+        q.variant_overrides("cgc-affinity")
+    (tmp_path / "affinity").mkdir()
+    clusters = {"sst2": "c1", "ag_news": "c2", "rte": "c2", "medical_abstracts": "c1"}
+    (tmp_path / "affinity" / "clusters.json").write_text(json.dumps(clusters))
+    cfg = load_config(q.STUDY, q.variant_overrides("cgc-affinity"))
+    assert cfg.method.name == "cgc_lora" and cfg.method.gate_norm == "count" and cfg.method.common_experts == 2
+    assert {t.name: t.cluster for t in cfg.tasks} == clusters
+    assert q.variant_overrides("lora-r64") == ["method.rank=64", "method.alpha=128"]
