@@ -81,3 +81,29 @@ def test_plain_lora_runs_are_refused_in_one_line(run_config, tmp_path):
         b.gated_deltas(tmp_path / "run")
     with pytest.raises(b.MultituneError, match="--apart takes single-task plain LoRA runs"):
         b.apart_deltas([tmp_path / "run"])
+
+
+def test_gate_spread_of_a_shared_factor_run_from_its_saved_logits(run_config, tmp_path):
+    from safetensors.torch import load_file
+
+    b = _bench()
+    spec = {"name": "lora_experts", "rank": 4, "experts": 2, "temperature": 0.5, "dropout": 0.0}
+    raw = run_config(method=spec, train={"max_steps": 2, "lr": 1e-2})
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", raw))]) == 0
+    spread = b.gate_spread(tmp_path / "run")
+    saved = load_file(tmp_path / "run" / "model" / "adapter_model.safetensors")
+    z = torch.stack([v for k, v in saved.items() if "lora_experts_gate" in k]).float() / 0.5  # (L, tasks, 2)
+    w = torch.softmax(z, -1)
+    assert spread["weights"] == pytest.approx([float(w.min()), float(w.max())], abs=1e-6)
+    span = (z[..., 0] - z[..., 1]).abs()  # two experts: max - min = |z0 - z1|
+    assert spread["logit_span"] == pytest.approx([float(span.mean()), float(span.max())], abs=1e-5)
+    pair = (w[:, 0] * w[:, 1]).sum(-1)  # two tasks: the one pair
+    assert spread["coupling"] == pytest.approx([float(pair.min()), float(pair.max())], abs=1e-6)
+    assert b.gate_spread(_cgc_run(run_config, tmp_path)) is None  # one gate for all layers: nothing to spread
+
+
+def _cgc_run(run_config, tmp_path) -> Path:
+    cgc = {"name": "cgc_lora", "rank": 4, "alpha": 8, "dropout": 0.0, "common_experts": 1, "task_experts": 1}
+    raw = run_config(method=cgc, train={"max_steps": 1}, output=str(tmp_path / "cgc1"))
+    assert main(["train", str(write_yaml(tmp_path / "cgc1.yaml", raw))]) == 0
+    return tmp_path / "cgc1"
