@@ -52,6 +52,8 @@ def test_compare_trains_baselines_and_reports_delta_m(run_config, tmp_path, caps
     cfg = write_yaml(tmp_path / "run.yaml", raw)
     assert main(["compare", str(cfg)]) == 0
     out = capsys.readouterr().out
+    assert f"[compare] 1/3 training {tmp_path / 'run-single' / 'sst2'} (sst2, 2 steps)" in out
+    assert f"[compare] 3/3 training {tmp_path / 'run'} (sst2, rte, 4 steps)" in out
     table = json.loads((tmp_path / "run" / "compare.json").read_text())
     singles = {}
     for task in ("sst2", "rte"):

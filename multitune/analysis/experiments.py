@@ -270,8 +270,9 @@ def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = Fal
             return done
     started = resume and (run_dir / rundir.CONFIG).is_file()
     what = "continuing" if started else "training"
-    steps = cfg.train.max_steps or "epochs"
-    print(f"[compare] {_step(count)}{what} {run_dir} ({', '.join(cfg.task_names)}, {steps} steps)")
+    epochs = cfg.train.epochs
+    length = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{epochs:g} epoch{'s' if epochs != 1 else ''}"
+    print(f"[compare] {_step(count)}{what} {run_dir} ({', '.join(cfg.task_names)}, {length})")
     return train(cfg, overwrite=overwrite, resume=started)["fine_tuned"]
 
 
