@@ -98,3 +98,28 @@ def test_cgc_affinity_is_cgc_count_with_the_collected_clusters(tmp_path, monkeyp
     assert cfg.method.name == "cgc_lora" and cfg.method.gate_norm == "count" and cfg.method.common_experts == 2
     assert {t.name: t.cluster for t in cfg.tasks} == clusters
     assert q.variant_overrides("lora-r64") == ["method.rank=64", "method.alpha=128"]
+
+
+def test_affinity_keeps_two_clusters_that_collect_and_cgc_affinity_use(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The study's affinity step end to end, on the tiny model and the examples' subsets of the
+    study's four tasks: clusters.json in STUDY/affinity, collected, read by cgc-affinity."""
+    q = _quality()
+    study = yaml.safe_load(q.STUDY.read_text())
+    study["model"] = str(tiny_model_dir)
+    study["train"].update(batch_size=4, max_length=96, save_every=None)
+    tiny = tmp_path / "study.yaml"
+    tiny.write_text(yaml.safe_dump(study))
+    monkeypatch.setattr(q, "STUDY", tiny)
+    monkeypatch.setattr(q, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(q, "AFFINITY_STEPS", 2)
+    monkeypatch.setattr(q, "AFFINITY_EVERY", 1)
+    args = type("Args", (), {"data": str(ROOT / "examples" / "data"), "runs": str(tmp_path / "runs"), "threads": 1})
+    q.affinity(args)
+    clusters = json.loads((tmp_path / "runs" / "affinity" / "clusters.json").read_text())
+    assert set(clusters) == set(q.TASKS) and set(clusters.values()) == {"c1", "c2"}
+    assert "proposed 2 clusters" in capsys.readouterr().out
+    q.collect(type("Args", (), {"runs": str(tmp_path / "runs"), "data": args.data}))
+    assert json.loads((tmp_path / "results" / "affinity" / "clusters.json").read_text()) == clusters
+    assert (tmp_path / "results" / "affinity" / "affinity.md").is_file()
+    overrides = q.variant_overrides("cgc-affinity")
+    assert [o for o in overrides if ".cluster=" in o] == [f"tasks.{t}.cluster={c}" for t, c in clusters.items()]
