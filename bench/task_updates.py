@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from multitune import rundir
+from multitune.config import RunConfig
 from multitune.errors import MultituneError
 from multitune.models.load import load_trained_model
 
@@ -42,13 +43,17 @@ def _per_task_layers(model) -> Iterator[tuple[str, object]]:
             yield name, module
 
 
-def gate_spread(run_dir: Path) -> dict | None:
+def load_run(run_dir: Path) -> tuple[RunConfig, torch.nn.Module]:
+    """A run's config and trained model, loaded once for every measure of it."""
+    cfg = rundir.load_run_config(run_dir)
+    return cfg, load_trained_model(run_dir, cfg)[0]
+
+
+def gate_spread(cfg: RunConfig, model: torch.nn.Module) -> dict | None:
     """Per-layer gates of a shared-factor run (lora_experts, mtl_lora): weight range, logit span
     (mean and max over layers and tasks) and the range of w_s . w_t over task pairs s != t."""
     from multitune.methods.shared_factor.layer import SharedFactorLinear
 
-    cfg = rundir.load_run_config(run_dir)
-    model, _ = load_trained_model(run_dir, cfg)
     k = len(cfg.task_names)
     weights, spans = [], []
     with torch.no_grad():
@@ -69,15 +74,13 @@ def gate_spread(run_dir: Path) -> dict | None:
     }
 
 
-def gated_deltas(run_dir: Path) -> tuple[list[str], Iterator[tuple[str, list[torch.Tensor]]]]:
+def gated_deltas(cfg: RunConfig, model: torch.nn.Module) -> tuple[list[str], Iterator[tuple[str, list[torch.Tensor]]]]:
     """The tasks of a task-gated run and, layer by layer, each task's update delta W_t."""
-    cfg = rundir.load_run_config(run_dir)
-    model, _ = load_trained_model(run_dir, cfg)
     from multitune.methods.registry import method
 
     entry = method(cfg.method.name)
     if not entry.per_task:
-        raise MultituneError(f"{run_dir}: {cfg.method.name} gives every task the same update; use --apart")
+        raise MultituneError(f"{cfg.output}: {cfg.method.name} gives every task the same update; use --apart")
     rows = entry.task_ids(model, cfg.task_names, None)
 
     def layers() -> Iterator[tuple[str, list[torch.Tensor]]]:
@@ -151,9 +154,10 @@ def main() -> None:
             print_geometry("single-task LoRAs trained apart", tasks, geometry(layers, len(tasks)))
             return
         for run in args.runs:
-            tasks, layers = gated_deltas(run)
+            cfg, model = load_run(run)
+            tasks, layers = gated_deltas(cfg, model)
             print_geometry(str(run), tasks, geometry(layers, len(tasks)))
-            spread = gate_spread(run)
+            spread = gate_spread(cfg, model)
             if spread:
                 print(
                     "per-layer gates: weights {:.3f} - {:.3f}; logit span (of z / temperature) mean {:.3f}, "

@@ -6,6 +6,7 @@ the repository), once per session.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -201,6 +202,15 @@ def run_config(tiny_model_dir, tmp_path):
         return raw
 
     return make
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_yaml(path: Path, raw: dict) -> Path:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quality")
 
 
 def test_the_study_seed_is_the_one_of_study_yaml():

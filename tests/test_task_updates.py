@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_yaml
+from conftest import load_bench, write_yaml
 
 from multitune import rundir
 from multitune.cli import main
@@ -15,14 +14,9 @@ from multitune.methods.registry import method
 from multitune.models.base import load_base_model
 from multitune.models.load import load_trained_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("task_updates", ROOT / "bench" / "task_updates.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("task_updates")
 
 
 def test_geometry_by_hand():
@@ -54,7 +48,7 @@ def test_gated_and_apart_updates_are_the_merged_weights_minus_the_base(run_confi
     cgc = {"name": "cgc_lora", "rank": 8, "alpha": 16, "dropout": 0.0, "common_experts": 1, "task_experts": 1}
     raw = run_config(method=cgc, train={"max_steps": 3, "lr": 2e-2}, output=str(tmp_path / "cgc"))
     assert main(["train", str(write_yaml(tmp_path / "cgc.yaml", raw))]) == 0
-    tasks, layers = b.gated_deltas(tmp_path / "cgc")
+    tasks, layers = b.gated_deltas(*b.load_run(tmp_path / "cgc"))
     g = b.geometry(layers, len(tasks))
     d = [_flat_delta(tmp_path / "cgc", t) for t in tasks]
     assert g["norms"] == pytest.approx([float(x.norm()) for x in d], rel=1e-4)
@@ -78,7 +72,7 @@ def test_plain_lora_runs_are_refused_in_one_line(run_config, tmp_path):
     raw = run_config(train={"max_steps": 1})
     assert main(["train", str(write_yaml(tmp_path / "run.yaml", raw))]) == 0
     with pytest.raises(b.MultituneError, match="lora gives every task the same update; use --apart"):
-        b.gated_deltas(tmp_path / "run")
+        b.gated_deltas(*b.load_run(tmp_path / "run"))
     with pytest.raises(b.MultituneError, match="--apart takes single-task plain LoRA runs"):
         b.apart_deltas([tmp_path / "run"])
 
@@ -90,7 +84,7 @@ def test_gate_spread_of_a_shared_factor_run_from_its_saved_logits(run_config, tm
     spec = {"name": "lora_experts", "rank": 4, "experts": 2, "temperature": 0.5, "dropout": 0.0}
     raw = run_config(method=spec, train={"max_steps": 2, "lr": 1e-2})
     assert main(["train", str(write_yaml(tmp_path / "run.yaml", raw))]) == 0
-    spread = b.gate_spread(tmp_path / "run")
+    spread = b.gate_spread(*b.load_run(tmp_path / "run"))
     saved = load_file(tmp_path / "run" / "model" / "adapter_model.safetensors")
     z = torch.stack([v for k, v in saved.items() if "lora_experts_gate" in k]).float() / 0.5  # (L, tasks, 2)
     w = torch.softmax(z, -1)
@@ -99,7 +93,8 @@ def test_gate_spread_of_a_shared_factor_run_from_its_saved_logits(run_config, tm
     assert spread["logit_span"] == pytest.approx([float(span.mean()), float(span.max())], abs=1e-5)
     pair = (w[:, 0] * w[:, 1]).sum(-1)  # two tasks: the one pair
     assert spread["coupling"] == pytest.approx([float(pair.min()), float(pair.max())], abs=1e-6)
-    assert b.gate_spread(_cgc_run(run_config, tmp_path)) is None  # one gate for all layers: nothing to spread
+    # one gate for all layers: nothing to spread
+    assert b.gate_spread(*b.load_run(_cgc_run(run_config, tmp_path))) is None
 
 
 def _cgc_run(run_config, tmp_path) -> Path:
