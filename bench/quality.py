@@ -4,6 +4,8 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY train lora-r16            # singles + multi-task, seed 0
     python bench/quality.py --data DIR --runs STUDY train cgc-count --seeds 0 1 2
     python bench/quality.py --data DIR --runs STUDY train lora-r16 --merge cat  # + the singles merged
+    python bench/quality.py --data DIR --runs STUDY train lora-r16 --name lora-r16-lr1e-3 \
+        --set train.lr=1e-3 --singles single-r16-lr1e-3                       # baselines at that lr too
     python bench/quality.py --data DIR --runs STUDY zero-shot                # the base model, whole dev splits
     python bench/quality.py --data DIR --runs STUDY affinity                 # clusters for train cgc-affinity
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
@@ -13,8 +15,10 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py versus cgc-count lora-r16 --seeds 0 1 2          # the same over their seeds' runs
 
 `train` runs `multitune compare` on bench/quality/study.yaml with the variant's overrides, the
-single-task baselines shared by every variant in STUDY/single-r16, and --resume: a stopped study
-continues where it stopped (each run checkpoints every 25 steps). `collect` copies each finished
+single-task baselines shared by every variant in STUDY/single-r16 (or `--singles NAME`: baselines
+trained with the same `--set`, e.g. a learning rate, in STUDY/NAME), and --resume: a stopped study
+continues where it stopped (each run checkpoints every 25 steps); compare names the settings a
+reused baseline was trained with where they differ from the variant's. `collect` copies each finished
 run's config.yaml and results.json, and each variant's compare.json / compare.md, into
 docs/results/, so nothing has to be trained twice; `restore` puts the collected single-task
 results back under a new STUDY folder (compare reuses a run whose results.json is finished, so the
@@ -102,7 +106,7 @@ def train_variant(args) -> None:
     overrides = [*data_overrides(args.data), *variant_overrides(args.variant), *args.set, f"output={out}"]
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
-    singles = str(Path(args.runs) / SINGLES)
+    singles = str(Path(args.runs) / args.singles)
     if args.seeds and STUDY_SEED in args.seeds:
         for run in [out, *(Path(singles) / t for t in TASKS)]:
             _seed_dir_from_before(run, STUDY_SEED)
@@ -172,11 +176,11 @@ def collect(args) -> None:
 
 
 def restore(args) -> None:
-    """Copy the collected single-task runs (results and config) back into STUDY/single-r16, with
-    DATA and STUDY replaced by this machine's folders, so `train` reuses them."""
-    src = RESULTS / SINGLES
-    for results in sorted(src.rglob("results.json")):
-        dst = Path(args.runs) / SINGLES / results.parent.relative_to(src)
+    """Copy the collected single-task runs (results and config; every docs/results/single-*
+    folder) back into STUDY, with DATA and STUDY replaced by this machine's folders, so `train`
+    reuses them."""
+    for results in sorted(RESULTS.glob("single-*/**/results.json")):
+        dst = Path(args.runs) / results.parent.relative_to(RESULTS)
         if (dst / "results.json").exists():
             print(f"kept {dst} (already there)")
             continue
@@ -198,27 +202,20 @@ def table(args) -> None:
         z = json.loads(zero.read_text())["zero_shot"]["tasks"]
         cells = " | ".join(f"{z[t]['accuracy']:.1f}" for t in TASKS)
         print(f"| zero-shot | - | {cells} | {sum(z[t]['accuracy'] for t in TASKS) / len(TASKS):.1f} | | |")
-    singles = {}
-    for t in TASKS:
-        path = RESULTS / SINGLES / t / "results.json"
-        if path.is_file():
-            singles[t] = json.loads(path.read_text())["fine_tuned"]["tasks"][t]["accuracy"]
-    if len(singles) == len(TASKS):
-        mean = sum(singles.values()) / len(TASKS)
-        cells = " | ".join(f"{singles[t]:.1f}" for t in TASKS)
-        print(f"| one LoRA per task (r16 each) | 1 | {cells} | {mean:.1f} | 0 | |")
-    seed_sets = []  # the single-task LoRAs of every set of seeds a variant was trained with
+    shown = []  # the single-task LoRAs (folder, seeds) a row was printed for, before its first variant
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
         variant = folder.name
         compare = folder / "compare.json"
         c = json.loads(compare.read_text())
         seeds = c.get("seeds", [STUDY_SEED])
         n = len(seeds)
-        if n > 1 and seeds not in seed_sets:
-            seed_sets.append(seeds)
-            single = [(c["tasks"][t]["single"], c["tasks"][t]["single_std"]) for t in TASKS]
+        singles = Path(c.get("singles", SINGLES)).name  # compare.json names its baselines' folder
+        if (singles, seeds) not in shown:
+            shown.append((singles, seeds))
+            single = [(c["tasks"][t]["single"], c["tasks"][t]["single_std"] if n > 1 else None) for t in TASKS]
+            label = "r16 each" + (f", {singles}" if singles != SINGLES else "")
             mean = sum(m for m, _ in single) / len(TASKS)
-            print(f"| one LoRA per task (r16 each) | {n} | {_cells(single)} | {mean:.1f} | 0 | |")
+            print(f"| one LoRA per task ({label}) | {n} | {_cells(single)} | {mean:.1f} | 0 | |")
         accs = [(c["tasks"][t]["multi"], c["tasks"][t].get("multi_std", 0.0) if n > 1 else None) for t in TASKS]
         lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
         if "method" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
@@ -295,6 +292,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--set", nargs="*", default=[], help="more overrides (e.g. train.lr=1e-3)")
     p.add_argument("--name", help="folder of the variant's runs (default: its name), e.g. cgc-count-lr1e-3")
+    p.add_argument(
+        "--singles",
+        default=SINGLES,
+        help=f"folder of the single-task baselines (default {SINGLES}); another one trains baselines with --set's "
+        "settings (e.g. single-r16-lr1e-3 with train.lr=1e-3), where the default folder's are reused as trained",
+    )
     p.add_argument("--merge", help="also merge the single-task LoRAs with this method (e.g. cat) and compare")
     p.add_argument("--merge-weight", type=float, help="--merge: every run's weight (default 1)")
     p.add_argument("--merge-density", type=float, help="--merge ties / dare_*: density (default 0.5)")

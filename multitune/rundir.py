@@ -209,23 +209,57 @@ SAFE_ON_RESUME = (
 )
 
 
+# What a finished run may differ in from the config a comparison asks for and still be its run:
+# where it was written and how it logged and saved. Anything else (lr, data, eval rows...) is
+# reported next to the comparison that reuses it.
+SAME_RESULTS = (
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.report_to",
+    "eval.zero_shot",
+    "output",
+    "cache_dir",
+)
+
+
+def config_changes(before: RunConfig, after: RunConfig) -> dict[str, tuple[str, str]]:
+    """Every dotted key whose value differs between two configs: key -> (before, after), shown as
+    JSON ("unset" where a key is missing)."""
+    b, a = _flat(before.model_dump(mode="json")), _flat(after.model_dump(mode="json"))
+    keys = sorted(k for k in b.keys() | a.keys() if b.get(k, _NONE) != a.get(k, _NONE))
+    return {k: (_show(b.get(k, _NONE)), _show(a.get(k, _NONE))) for k in keys}
+
+
+def describe_changes(changes: dict[str, tuple[str, str]], limit: int = 4) -> str:
+    """'train.lr (0.0005 -> 0.001), ... and N more': one line for a message."""
+    shown = ", ".join(f"{k} ({b} -> {a})" for k, (b, a) in list(changes.items())[:limit])
+    return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def reused_changes(cfg: RunConfig) -> dict[str, tuple[str, str]]:
+    """What the finished run in `cfg.output` was trained with that `cfg` would set otherwise
+    (saved -> asked), leaving out what cannot change its results (`SAME_RESULTS`). A comparison
+    that reuses the run says so: reusing baselines trained at another learning rate is a fair
+    choice only when the reader knows it."""
+    changes = config_changes(load_run_config(cfg.output), cfg)
+    return {k: v for k, v in changes.items() if not k.startswith(SAME_RESULTS)}
+
+
 def resumed_config(cfg: RunConfig, say) -> RunConfig:
     """`cfg` for continuing the run in `cfg.output`: refused (one line naming the keys) when it
     changes what the run trains; the safe changes are announced (and then recorded in its
     config.yaml by `prepare_run_dir`)."""
-    saved = load_run_config(cfg.output)
-    before, after = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, _NONE) != after.get(k, _NONE))
-    unsafe = [k for k in changed if not k.startswith(SAFE_ON_RESUME)]
+    changed = config_changes(load_run_config(cfg.output), cfg)
+    unsafe = {k: v for k, v in changed.items() if not k.startswith(SAFE_ON_RESUME)}
     if unsafe:
-        shown = ", ".join(f"{k} ({_show(before.get(k, _NONE))} -> {_show(after.get(k, _NONE))})" for k in unsafe[:4])
-        more = f" and {len(unsafe) - 4} more" if len(unsafe) > 4 else ""
         raise MultituneError(
-            f"--resume: the config changes {shown}{more} from {Path(cfg.output) / CONFIG}; that would be another "
-            "run: resume with the run's own config, or train a new run"
+            f"--resume: the config changes {describe_changes(unsafe)} from {Path(cfg.output) / CONFIG}; that "
+            "would be another run: resume with the run's own config, or train a new run"
         )
-    for k in changed:
-        say(f"[resume] {k}: {_show(before.get(k, _NONE))} -> {_show(after.get(k, _NONE))}")
+    for k, (b, a) in changed.items():
+        say(f"[resume] {k}: {b} -> {a}")
     return cfg
 
 

@@ -81,6 +81,45 @@ def test_table_shows_mean_and_std_over_seeds_and_the_singles_of_those_seeds(tmp_
     assert f"| cgc-count {row}" in lines and f"| lora-r16 {row}" in lines
 
 
+def test_table_shows_each_set_of_singles_before_the_first_variant_compared_with_it(tmp_path, monkeypatch, capsys):
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    for name, singles, single in (("a", None, 80.0), ("b", "STUDY/single-r16-lr1e-3", 81.0), ("c", None, 80.0)):
+        tasks = {t: {"single": single, "single_std": 0.0, "multi": 82.0} for t in q.TASKS}
+        compare = {"seeds": [0], "tasks": tasks, "delta_m": 1.0, "delta_m_interval": [0.5, 1.5]}
+        if singles:
+            compare["singles"] = singles
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps(compare))
+        (tmp_path / name / "results.json").write_text(json.dumps({"train": {"seconds": 60}}))
+    q.table(None)
+    rows = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [
+        "| one LoRA per task (r16 each)",
+        "| a",
+        "| one LoRA per task (r16 each, single-r16-lr1e-3)",
+        "| b",
+        "| c",
+    ]
+
+
+def test_restore_puts_back_every_collected_set_of_singles(tmp_path, monkeypatch):
+    q = _quality()
+    results = tmp_path / "results"
+    monkeypatch.setattr(q, "RESULTS", results)
+    for run in ("single-r16/sst2", "single-r16/sst2/seed-1", "single-r16-lr1e-3/rte", "lora-r16"):
+        (results / run).mkdir(parents=True)
+        for name in ("results.json", "results.md"):
+            (results / run / name).write_text(run)
+        (results / run / "config.yaml").write_text(f"output: STUDY/{run}\ndata: DATA/x.jsonl\n")
+    runs = tmp_path / "study"
+    q.restore(type("Args", (), {"runs": str(runs), "data": "/d"}))
+    restored = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("results.json"))
+    assert restored == ["single-r16-lr1e-3/rte", "single-r16/sst2", "single-r16/sst2/seed-1"]
+    config = (runs / "single-r16-lr1e-3" / "rte" / "config.yaml").read_text()
+    assert config == f"output: {runs.resolve()}/single-r16-lr1e-3/rte\ndata: /d/x.jsonl\n"
+
+
 def test_cgc_affinity_is_cgc_count_with_the_collected_clusters(tmp_path, monkeypatch):
     from multitune.config import load_config
 

@@ -83,6 +83,20 @@ def test_compare_trains_baselines_and_reports_delta_m(run_config, tmp_path, caps
     out = capsys.readouterr().out
     steps = re.findall(r"\[compare\] (\d)/3 (reusing|training)", out)  # k of N runs, a run at a time
     assert steps == [("1", "reusing"), ("2", "reusing"), ("3", "training")] and "(pcgrad balance)" in out
+    assert "other settings" not in out and "reused_with_other_settings" not in json.loads(
+        (tmp_path / "pc" / "compare.json").read_text()
+    )
+    # baselines reused at another learning rate: said in the output, compare.md and compare.json
+    lr = ["train.lr=0.003", f"output={tmp_path / 'lr'}", "--singles", str(tmp_path / "run-single"), "--reuse"]
+    assert main(["compare", str(cfg), *lr]) == 0
+    out = capsys.readouterr().out
+    single = tmp_path / "run-single" / "sst2"
+    assert f"[compare] 1/3 reusing {single}, trained with other settings: train.lr (0.001 -> 0.003)\n" in out
+    table = json.loads((tmp_path / "lr" / "compare.json").read_text())
+    assert table["reused_with_other_settings"] == {
+        str(tmp_path / "run-single" / t): {"train.lr": ["0.001", "0.003"]} for t in ("sst2", "rte")
+    }
+    assert f"- {single}: train.lr (0.001 -> 0.003)" in (tmp_path / "lr" / "compare.md").read_text()
 
 
 def test_study_errors_are_one_line(run_config, tmp_path, capsys):

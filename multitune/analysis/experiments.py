@@ -85,7 +85,10 @@ def compare_run(
 
     `singles`: where the single-task runs live (default `<output>-single`), so several multi-task
     variants (balancing methods, mixtures) can share one set of baselines; `reuse`: read finished
-    runs (results.json with fine-tuned metrics) instead of training them again; `resume`: reuse
+    runs (results.json with fine-tuned metrics) instead of training them again (a reused run
+    trained with other settings than this comparison asks, e.g. baselines at another learning
+    rate, is named with them in the output, in compare.md and in compare.json's
+    "reused_with_other_settings"); `resume`: reuse
     finished runs and continue interrupted ones from their last checkpoint (a study that takes
     hours survives being stopped). `seeds`: train every run once per seed, in
     `<output>/seed-<s>` and `<singles>/<task>/seed-<s>`; the table shows mean ± std over seeds and
@@ -122,6 +125,7 @@ def compare_run(
     single_runs: dict[str, list[dict]] = {t: [] for t in cfg.task_names}
     multi_runs: list[dict] = []
     merged_runs: list[dict] = []
+    reused: dict[str, dict] = {}  # reused runs trained with other settings than this comparison's
     n_seeds = len(seeds or [cfg.train.seed])
     count = {"done": 0, "total": n_seeds * (len(cfg.tasks) + 1 + (merge is not None))}  # for "[compare] k/N"
     for seed in seeds or [cfg.train.seed]:
@@ -130,11 +134,11 @@ def compare_run(
             out = _seed_dir(rundir.child(singles_dir, task.name), seed, seeds)
             single = _single_task_config(cfg, task.name, share[task.name], out)
             single.train.seed = seed
-            single_runs[task.name].append(_fine_tuned(single, reuse, overwrite, resume, count))
+            single_runs[task.name].append(_fine_tuned(single, reuse, overwrite, resume, count, reused))
             seed_singles.append(out)
         multi = cfg.model_copy(deep=True)
         multi.train.seed, multi.output = seed, str(_seed_dir(Path(cfg.output), seed, seeds))
-        multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume, count))
+        multi_runs.append(_fine_tuned(multi, reuse, overwrite, resume, count, reused))
         if merge is not None:
             merged_dir = _seed_dir(Path(merged_name), seed, seeds)
             how = {"method": merge, "weights": weights, "density": merge_density}
@@ -143,7 +147,14 @@ def compare_run(
     higher = {t: higher_is_better(m) for t, m in metric.items()}
     summary = compare_seeds(multi_runs, single_runs, metric, higher)
     summary["seeds"] = seeds or [cfg.train.seed]
+    summary["singles"] = str(singles_dir)
     text = _compare_text(summary, metric, f"{cfg.train.balance.method} balance")
+    if reused:
+        summary["reused_with_other_settings"] = reused
+        text += "\n\nReused runs trained with other settings than this comparison's (saved -> asked):\n" + "\n".join(
+            f"- {run}: {rundir.describe_changes({k: tuple(v) for k, v in changes.items()}, limit=8)}"
+            for run, changes in reused.items()
+        )
     if merge is not None:
         summary["merged"] = compare_seeds(merged_runs, single_runs, metric, higher)
         options = {"weight": 1.0 if merge_weight is None else merge_weight, "density": merge_density}
@@ -260,13 +271,26 @@ def _step(count: dict | None) -> str:
     return f"{count['done']}/{count['total']} "
 
 
-def _fine_tuned(cfg: RunConfig, reuse: bool, overwrite: bool, resume: bool = False, count: dict | None = None) -> dict:
-    """The run's `fine_tuned` results (metrics and per-row scores), trained unless reused."""
+def _fine_tuned(
+    cfg: RunConfig,
+    reuse: bool,
+    overwrite: bool,
+    resume: bool = False,
+    count: dict | None = None,
+    reused: dict | None = None,
+) -> dict:
+    """The run's `fine_tuned` results (metrics and per-row scores), trained unless reused. A
+    reused run trained with other settings than `cfg` asks is named with them, and kept in
+    `reused` (run dir -> {key: [saved, asked]})."""
     run_dir = Path(cfg.output)
     if (reuse or resume) and (run_dir / rundir.RESULTS).is_file():
         done = rundir.read_results(run_dir).get("fine_tuned")
         if done:
-            print(f"[compare] {_step(count)}reusing {run_dir}")
+            changes = rundir.reused_changes(cfg)
+            other = f", trained with other settings: {rundir.describe_changes(changes)}" if changes else ""
+            print(f"[compare] {_step(count)}reusing {run_dir}{other}")
+            if changes and reused is not None:
+                reused[str(run_dir)] = {k: list(v) for k, v in changes.items()}
             return done
     started = resume and (run_dir / rundir.CONFIG).is_file()
     what = "continuing" if started else "training"
