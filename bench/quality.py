@@ -153,14 +153,13 @@ def collect(args) -> None:
             continue
         dst = RESULTS / results.parent.relative_to(runs)
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "results.md"):
-            shutil.copyfile(results.parent / name, dst / name)
-        # the config with this machine's folders named by role: DATA (--data) and STUDY (--runs)
-        text = (results.parent / "config.yaml").read_text(encoding="utf-8")
-        for folder, role in ((args.data, "DATA"), (args.runs, "STUDY")):
-            if folder:
-                text = text.replace(str(Path(folder).resolve()), role)
-        (dst / "config.yaml").write_text(text, encoding="utf-8")
+        # this machine's folders named by role: DATA (--data) and STUDY (--runs)
+        for name in ("config.yaml", "results.md", "results.json"):
+            text = (results.parent / name).read_text(encoding="utf-8")
+            for folder, role in ((args.data, "DATA"), (args.runs, "STUDY")):
+                if folder:
+                    text = text.replace(str(Path(folder).resolve()), role)
+            (dst / name).write_text(text, encoding="utf-8")
     for compare in sorted(runs.rglob("compare.json")):
         dst = RESULTS / compare.parent.relative_to(runs)
         dst.mkdir(parents=True, exist_ok=True)

@@ -159,3 +159,20 @@ def test_affinity_keeps_two_clusters_that_collect_and_cgc_affinity_use(tiny_mode
     assert (tmp_path / "results" / "affinity" / "affinity.md").is_file()
     overrides = q.variant_overrides("cgc-affinity")
     assert [o for o in overrides if ".cluster=" in o] == [f"tasks.{t}.cluster={c}" for t, c in clusters.items()]
+
+
+def test_collect_names_this_machines_folders_by_role(tmp_path, monkeypatch):
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path / "results")
+    runs, data = tmp_path / "study", tmp_path / "data"
+    run = runs / "lora-r16-merged-cat"
+    run.mkdir(parents=True)
+    results = {"fine_tuned": {"tasks": {}}, "merged_from": [str(runs / "single-r16" / "sst2")]}
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "results.md").write_text(f"from {runs}/single-r16\n")
+    (run / "config.yaml").write_text(f"output: {run}\ndata: {data}/sst2/train.jsonl\n")
+    q.collect(type("Args", (), {"runs": str(runs), "data": str(data)}))
+    got = tmp_path / "results" / "lora-r16-merged-cat"
+    assert json.loads((got / "results.json").read_text())["merged_from"] == ["STUDY/single-r16/sst2"]
+    assert (got / "results.md").read_text() == "from STUDY/single-r16\n"
+    assert (got / "config.yaml").read_text() == "output: STUDY/lora-r16-merged-cat\ndata: DATA/sst2/train.jsonl\n"
