@@ -168,9 +168,12 @@ def collect(args) -> None:
             (dst / name).write_text(text.replace(str(runs.resolve()), "STUDY"), encoding="utf-8")
     if (runs / "affinity" / "clusters.json").is_file():  # `affinity`: no results of its own, its clusters
         (RESULTS / "affinity").mkdir(parents=True, exist_ok=True)
-        for name in ("clusters.json", "affinity.md", "affinity.png"):
-            if (runs / "affinity" / name).is_file():
-                shutil.copyfile(runs / "affinity" / name, RESULTS / "affinity" / name)
+        shutil.copyfile(runs / "affinity" / "clusters.json", RESULTS / "affinity" / "clusters.json")
+        if (runs / "affinity" / "affinity.png").is_file():
+            shutil.copyfile(runs / "affinity" / "affinity.png", RESULTS / "affinity" / "affinity.png")
+        if (runs / "affinity" / "affinity.md").is_file():
+            text = (runs / "affinity" / "affinity.md").read_text(encoding="utf-8")
+            (RESULTS / "affinity" / "affinity.md").write_text(text.replace(str(runs.resolve()), "STUDY"), encoding="utf-8")
     print(f"copied into {RESULTS}")
 
 

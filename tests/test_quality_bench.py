@@ -156,7 +156,7 @@ def test_affinity_keeps_two_clusters_that_collect_and_cgc_affinity_use(tiny_mode
     assert "proposed 2 clusters" in capsys.readouterr().out
     q.collect(type("Args", (), {"runs": str(tmp_path / "runs"), "data": args.data}))
     assert json.loads((tmp_path / "results" / "affinity" / "clusters.json").read_text()) == clusters
-    assert (tmp_path / "results" / "affinity" / "affinity.md").is_file()
+    assert "heatmap: STUDY/affinity/affinity.png" in (tmp_path / "results" / "affinity" / "affinity.md").read_text()
     overrides = q.variant_overrides("cgc-affinity")
     assert [o for o in overrides if ".cluster=" in o] == [f"tasks.{t}.cluster={c}" for t, c in clusters.items()]
 
