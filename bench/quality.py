@@ -172,8 +172,8 @@ def collect(args) -> None:
         if (runs / "affinity" / "affinity.png").is_file():
             shutil.copyfile(runs / "affinity" / "affinity.png", RESULTS / "affinity" / "affinity.png")
         if (runs / "affinity" / "affinity.md").is_file():
-            text = (runs / "affinity" / "affinity.md").read_text(encoding="utf-8")
-            (RESULTS / "affinity" / "affinity.md").write_text(text.replace(str(runs.resolve()), "STUDY"), encoding="utf-8")
+            text = (runs / "affinity" / "affinity.md").read_text(encoding="utf-8").replace(str(runs.resolve()), "STUDY")
+            (RESULTS / "affinity" / "affinity.md").write_text(text, encoding="utf-8")
     print(f"copied into {RESULTS}")
 
 

@@ -243,7 +243,11 @@ def reused_changes(cfg: RunConfig) -> dict[str, tuple[str, str]]:
     (saved -> asked), leaving out what cannot change its results (`SAME_RESULTS`). A comparison
     that reuses the run says so: reusing baselines trained at another learning rate is a fair
     choice only when the reader knows it."""
-    changes = config_changes(load_run_config(cfg.output), cfg)
+    try:
+        saved = load_run_config(cfg.output)
+    except MultituneError as exc:  # results without a readable config: reused, and said so
+        return {CONFIG: (f"not readable: {exc}", "this comparison's config")}
+    changes = config_changes(saved, cfg)
     return {k: v for k, v in changes.items() if not k.startswith(SAME_RESULTS)}
 
 

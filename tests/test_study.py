@@ -103,3 +103,19 @@ def test_study_errors_are_one_line(run_config, tmp_path, capsys):
     cfg = write_yaml(tmp_path / "run.yaml", run_config())
     assert main(["affinity", str(cfg), "--clusters", "5"]) == 2
     assert capsys.readouterr().err.strip().endswith("--clusters 5 is more than the 2 tasks of " + str(cfg))
+
+
+def test_a_reused_run_without_its_config_is_said_so(run_config, tmp_path):
+    from multitune import rundir
+    from multitune.config import load_config
+
+    cfg = load_config(write_yaml(tmp_path / "run.yaml", run_config(output=str(tmp_path / "done"))))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text('{"fine_tuned": {}}')
+    changes = rundir.reused_changes(cfg)
+    assert changes == {
+        "config.yaml": (
+            f"not readable: {tmp_path / 'done'} is not a run directory (no config.yaml)",
+            "this comparison's config",
+        )
+    }
