@@ -145,35 +145,33 @@ def affinity(args) -> None:
 
 
 def collect(args) -> None:
-    """Copy the small outputs of every finished run under --runs into docs/results/."""
+    """Copy the small outputs of every finished run under --runs into docs/results/, with this
+    machine's folders named by role: DATA (--data) and STUDY (--runs)."""
     runs = Path(args.runs)
+    roles = [(str(Path(folder).resolve()), role) for folder, role in ((args.data, "DATA"), (runs, "STUDY")) if folder]
+
+    def copy_text(src: Path, dst: Path) -> None:
+        text = src.read_text(encoding="utf-8")
+        for folder, role in roles:
+            text = text.replace(folder, role)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(text, encoding="utf-8")
+
     for results in sorted(runs.rglob("results.json")):
         done = json.loads(results.read_text())
         if "fine_tuned" not in done and not (results.parent.name == "zero-shot" and "zero_shot" in done):
             continue
-        dst = RESULTS / results.parent.relative_to(runs)
-        dst.mkdir(parents=True, exist_ok=True)
-        # this machine's folders named by role: DATA (--data) and STUDY (--runs)
         for name in ("config.yaml", "results.md", "results.json"):
-            text = (results.parent / name).read_text(encoding="utf-8")
-            for folder, role in ((args.data, "DATA"), (args.runs, "STUDY")):
-                if folder:
-                    text = text.replace(str(Path(folder).resolve()), role)
-            (dst / name).write_text(text, encoding="utf-8")
+            copy_text(results.parent / name, RESULTS / results.parent.relative_to(runs) / name)
     for compare in sorted(runs.rglob("compare.json")):
-        dst = RESULTS / compare.parent.relative_to(runs)
-        dst.mkdir(parents=True, exist_ok=True)
         for name in ("compare.json", "compare.md"):
-            text = (compare.parent / name).read_text(encoding="utf-8")
-            (dst / name).write_text(text.replace(str(runs.resolve()), "STUDY"), encoding="utf-8")
+            copy_text(compare.parent / name, RESULTS / compare.parent.relative_to(runs) / name)
     if (runs / "affinity" / "clusters.json").is_file():  # `affinity`: no results of its own, its clusters
-        (RESULTS / "affinity").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(runs / "affinity" / "clusters.json", RESULTS / "affinity" / "clusters.json")
+        copy_text(runs / "affinity" / "clusters.json", RESULTS / "affinity" / "clusters.json")
+        if (runs / "affinity" / "affinity.md").is_file():
+            copy_text(runs / "affinity" / "affinity.md", RESULTS / "affinity" / "affinity.md")
         if (runs / "affinity" / "affinity.png").is_file():
             shutil.copyfile(runs / "affinity" / "affinity.png", RESULTS / "affinity" / "affinity.png")
-        if (runs / "affinity" / "affinity.md").is_file():
-            text = (runs / "affinity" / "affinity.md").read_text(encoding="utf-8").replace(str(runs.resolve()), "STUDY")
-            (RESULTS / "affinity" / "affinity.md").write_text(text, encoding="utf-8")
     print(f"copied into {RESULTS}")
 
 

@@ -152,8 +152,7 @@ def compare_run(
     if reused:
         summary["reused_with_other_settings"] = reused
         text += "\n\nReused runs trained with other settings than this comparison's (saved -> asked):\n" + "\n".join(
-            f"- {run}: {rundir.describe_changes({k: tuple(v) for k, v in changes.items()}, limit=8)}"
-            for run, changes in reused.items()
+            f"- {run}: {rundir.describe_changes(changes, limit=8)}" for run, changes in reused.items()
         )
     if merge is not None:
         summary["merged"] = compare_seeds(merged_runs, single_runs, metric, higher)
@@ -281,7 +280,7 @@ def _fine_tuned(
 ) -> dict:
     """The run's `fine_tuned` results (metrics and per-row scores), trained unless reused. A
     reused run trained with other settings than `cfg` asks is named with them, and kept in
-    `reused` (run dir -> {key: [saved, asked]})."""
+    `reused` (run dir -> {key: (saved, asked)})."""
     run_dir = Path(cfg.output)
     if (reuse or resume) and (run_dir / rundir.RESULTS).is_file():
         done = rundir.read_results(run_dir).get("fine_tuned")
@@ -290,7 +289,7 @@ def _fine_tuned(
             other = f", trained with other settings: {rundir.describe_changes(changes)}" if changes else ""
             print(f"[compare] {_step(count)}reusing {run_dir}{other}")
             if changes and reused is not None:
-                reused[str(run_dir)] = {k: list(v) for k, v in changes.items()}
+                reused[str(run_dir)] = changes
             return done
     started = resume and (run_dir / rundir.CONFIG).is_file()
     what = "continuing" if started else "training"
