@@ -202,20 +202,19 @@ def table(args) -> None:
         z = json.loads(zero.read_text())["zero_shot"]["tasks"]
         cells = " | ".join(f"{z[t]['accuracy']:.1f}" for t in TASKS)
         print(f"| zero-shot | - | {cells} | {sum(z[t]['accuracy'] for t in TASKS) / len(TASKS):.1f} | | |")
-    shown = []  # the single-task LoRAs (folder, seeds) a row was printed for, before its first variant
+    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}  # (singles folder, seeds) -> rows
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
         variant = folder.name
-        compare = folder / "compare.json"
-        c = json.loads(compare.read_text())
+        c = json.loads((folder / "compare.json").read_text())
         seeds = c.get("seeds", [STUDY_SEED])
         n = len(seeds)
         singles = Path(c.get("singles", SINGLES)).name  # compare.json names its baselines' folder
-        if (singles, seeds) not in shown:
-            shown.append((singles, seeds))
+        key = (singles, tuple(seeds))
+        if key not in groups:  # the single-task LoRAs first, then every variant compared with them
             single = [(c["tasks"][t]["single"], c["tasks"][t]["single_std"] if n > 1 else None) for t in TASKS]
             label = "r16 each" + (f", {singles}" if singles != SINGLES else "")
             mean = sum(m for m, _ in single) / len(TASKS)
-            print(f"| one LoRA per task ({label}) | {n} | {_cells(single)} | {mean:.1f} | 0 | |")
+            groups[key] = [f"| one LoRA per task ({label}) | {n} | {_cells(single)} | {mean:.1f} | 0 | |"]
         accs = [(c["tasks"][t]["multi"], c["tasks"][t].get("multi_std", 0.0) if n > 1 else None) for t in TASKS]
         lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
         if "method" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
@@ -226,10 +225,12 @@ def table(args) -> None:
         else:
             seconds = json.loads((folder / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
         dm = f"{c['delta_m']:+.2f}%" + (f" ± {c['delta_m_std']:.2f}" if n > 1 else "")
-        print(
+        groups[key].append(
             f"| {variant} | {n} | {_cells(accs)} | {sum(m for m, _ in accs) / len(accs):.1f} | "
             f"{dm} [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
         )
+    for rows in groups.values():
+        print("\n".join(rows))
 
 
 def _cells(values: list[tuple[float, float | None]]) -> str:

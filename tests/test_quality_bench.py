@@ -81,7 +81,7 @@ def test_table_shows_mean_and_std_over_seeds_and_the_singles_of_those_seeds(tmp_
     assert f"| cgc-count {row}" in lines and f"| lora-r16 {row}" in lines
 
 
-def test_table_shows_each_set_of_singles_before_the_first_variant_compared_with_it(tmp_path, monkeypatch, capsys):
+def test_table_shows_each_set_of_singles_above_the_variants_compared_with_it(tmp_path, monkeypatch, capsys):
     q = _quality()
     monkeypatch.setattr(q, "RESULTS", tmp_path)
     for name, singles, single in (("a", None, 80.0), ("b", "STUDY/single-r16-lr1e-3", 81.0), ("c", None, 80.0)):
@@ -97,9 +97,9 @@ def test_table_shows_each_set_of_singles_before_the_first_variant_compared_with_
     assert rows == [
         "| one LoRA per task (r16 each)",
         "| a",
+        "| c",
         "| one LoRA per task (r16 each, single-r16-lr1e-3)",
         "| b",
-        "| c",
     ]
 
 
