@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from multitune.config import validate_config
+from multitune.files import write_atomic
 from multitune.training.loop import train
 
 TASKS = [
@@ -138,8 +139,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "comparison.md").write_text(table + "\n")
-    (Path(args.out) / "comparison.json").write_text(json.dumps({"accuracy": rows, "params": params}, indent=2))
+    write_atomic(Path(args.out) / "comparison.md", table + "\n")
+    write_atomic(Path(args.out) / "comparison.json", json.dumps({"accuracy": rows, "params": params}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import collections
 import json
 from pathlib import Path
 
+from multitune.files import write_atomic
+
 OUT = Path(__file__).resolve().parents[1] / "examples" / "data"
 # rows per split: enough for what the demo, the examples and the tests draw (the demo sees about
 # 213 training rows of each task and scores the first 150 dev rows)
@@ -50,7 +52,7 @@ def main() -> None:
         for split, n in sizes.items():
             rows = (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
             kept = rows[:n]
-            (dst / f"{split}.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
+            write_atomic(dst / f"{split}.jsonl", "\n".join(kept) + "\n")
             labels = collections.Counter(json.loads(r).get("label") for r in kept)
             shown = ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) if None not in labels else "-"
             lines.append(f"| {split} | {len(kept)} | {len(rows)} | {shown} |")
@@ -61,7 +63,7 @@ def main() -> None:
             "",
             ("\n" + original).replace("\n# ", "\n### ").replace("\n## ", "\n### ").strip(),
         ]
-        (dst / "SOURCE.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+        write_atomic(dst / "SOURCE.md", "\n".join(lines).rstrip() + "\n")
         print(f"{task}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()))
 
 

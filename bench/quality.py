@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
+
+from multitune.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "quality" / "study.yaml"
@@ -95,7 +96,7 @@ def _seed_dir_from_before(run: Path, seed: int) -> None:
     dst.mkdir()
     for name in ("config.yaml", "results.md", "results.json"):  # results.json last: it marks the run finished
         if (run / name).is_file():
-            shutil.copyfile(run / name, dst / name)
+            write_atomic(dst / name, (run / name).read_bytes())
     print(f"reusing {run} as {dst}")
 
 
@@ -124,9 +125,9 @@ def zero_shot(args) -> None:
     done = multitune.evaluate(STUDY, overrides, base=True)
     out = Path(args.runs) / "zero-shot"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"zero_shot": done["results"]}, indent=1) + "\n")
-    (out / "results.md").write_text(done["table"] + "\n")
-    (out / "config.yaml").write_text(dump_config(load_config(STUDY, overrides)))
+    write_atomic(out / "config.yaml", dump_config(load_config(STUDY, overrides)))
+    write_atomic(out / "results.md", done["table"] + "\n")
+    write_atomic(out / "results.json", json.dumps({"zero_shot": done["results"]}, indent=1) + "\n")  # last: done
     print(done["table"])
 
 
@@ -155,7 +156,7 @@ def collect(args) -> None:
         for folder, role in roles:
             text = text.replace(folder, role)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(text, encoding="utf-8")
+        write_atomic(dst, text)
 
     for results in sorted(runs.rglob("results.json")):
         done = json.loads(results.read_text())
@@ -171,7 +172,7 @@ def collect(args) -> None:
         if (runs / "affinity" / "affinity.md").is_file():
             copy_text(runs / "affinity" / "affinity.md", RESULTS / "affinity" / "affinity.md")
         if (runs / "affinity" / "affinity.png").is_file():
-            shutil.copyfile(runs / "affinity" / "affinity.png", RESULTS / "affinity" / "affinity.png")
+            write_atomic(RESULTS / "affinity" / "affinity.png", (runs / "affinity" / "affinity.png").read_bytes())
     print(f"copied into {RESULTS}")
 
 
@@ -185,11 +186,11 @@ def restore(args) -> None:
             print(f"kept {dst} (already there)")
             continue
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "results.md"):
-            shutil.copyfile(results.parent / name, dst / name)
         text = (results.parent / "config.yaml").read_text(encoding="utf-8")
         text = text.replace("DATA/", f"{Path(args.data).resolve()}/").replace("STUDY/", f"{Path(args.runs).resolve()}/")
-        (dst / "config.yaml").write_text(text, encoding="utf-8")
+        write_atomic(dst / "config.yaml", text)
+        for name in ("results.md", "results.json"):  # results.json last: it marks the run finished
+            write_atomic(dst / name, (results.parent / name).read_bytes())
         print(f"restored {dst}")
 
 

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from multitune.files import write_atomic
+
 
 def tasks(data: str, limit: int) -> list[dict]:
     def spec(name, kind, prompt, target, **extra):
@@ -363,8 +365,9 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": device, "matmul_peak_gflops": peak, "peaks": peaks, "arms": summary}, indent=1)
+        write_atomic(
+            Path(args.json),
+            json.dumps({"device": device, "matmul_peak_gflops": peak, "peaks": peaks, "arms": summary}, indent=1),
         )
 
 
