@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import task_squad, write_yaml
+from conftest import task_squad, task_sst2, write_yaml
 
 from multitune import rundir
 from multitune.cli import main
@@ -14,7 +14,7 @@ from multitune.data.sources import Example
 from multitune.errors import MultituneError
 from multitune.methods import apply_method, count_parameters
 from multitune.models.base import load_base_model, load_tokenizer
-from multitune.models.forward import per_row_mean_nll, target_logprobs
+from multitune.models.forward import per_row_nll, target_logprobs
 from multitune.models.load import load_trained_model
 from multitune.training.checkpoint import list_checkpoints
 from multitune.training.loop import train
@@ -131,6 +131,31 @@ def test_each_architecture_trains(arch, tiny_model_dirs, run_config, tmp_path):
     assert set(results["fine_tuned"]["tasks"]["squad"]) == {"exact_match", "f1", "n"}
 
 
+def test_a_rows_loss_is_the_mean_or_the_sum_of_its_target_tokens_nll():
+    logp = torch.tensor([-1.0, -2.0, -3.0, -0.5])
+    rows = torch.tensor([0, 0, 0, 1])
+    assert per_row_nll(logp, rows, 3).tolist() == [2.0, 0.5, 0.0]  # row 2 has no target token
+    assert per_row_nll(logp, rows, 3, "sum").tolist() == [6.0, 0.5, 0.0]
+
+
+def test_row_loss_sum_trains_on_the_whole_targets_nll(run_config, tmp_path, tiny_model_dir):
+    """train.row_loss reaches the step: the same first batch at the same weights, its loss with
+    `sum` is the target length times its loss with `mean` when every target has that length."""
+    from multitune.data.encode import Encoder
+
+    task = {**task_sst2(), "target": "{{ label[0] }}", "labels": ["n", "p"]}  # one letter + end of turn
+    enc = Encoder(load_tokenizer(str(tiny_model_dir)), {"sst2": 0}, 96)
+    lengths = {len(enc.target_ids(label)) for label in task["labels"]}
+    assert lengths == {2}, lengths
+    first = {}
+    for how in ("mean", "sum"):
+        raw = run_config(tasks=[task], train={"max_steps": 1, "row_loss": how}, output=str(tmp_path / how))
+        train(validate_config(raw))
+        lines = map(json.loads, (tmp_path / how / "metrics.jsonl").read_text().splitlines())
+        first[how] = next(r["loss"] for r in lines if r["split"] == "train" and r.get("task") == "sst2")
+    assert first["sum"] == pytest.approx(2 * first["mean"], rel=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_target_logprobs_ignore_padding(arch, tiny_model_dirs):
     model = load_base_model(str(tiny_model_dirs[arch])).eval()
@@ -141,8 +166,8 @@ def test_target_logprobs_ignore_padding(arch, tiny_model_dirs):
     rows = [enc.encode(Example("t", p, "positive")) for p in ("a long prompt with many words in it", "short")]
     with torch.no_grad():
         logp, idx = target_logprobs(model, collate(rows, tok.pad_token_id))
-        together = per_row_mean_nll(logp, idx, 2)
-        alone = [per_row_mean_nll(*target_logprobs(model, collate([r], tok.pad_token_id)), 1) for r in rows]
+        together = per_row_nll(logp, idx, 2)
+        alone = [per_row_nll(*target_logprobs(model, collate([r], tok.pad_token_id)), 1) for r in rows]
         # reference: full logits, plain cross-entropy on the unpadded row
         ref = []
         for r in rows:
@@ -194,16 +219,16 @@ def test_packed_rows_give_the_losses_of_the_rows_alone(arch, by_task, tiny_model
     assert mixed == 0 if by_task else mixed > 0  # by_task: never two tasks in one sequence
     assert packed.row_tokens().tolist() == [len(r.input_ids) for r in rows]
     with torch.no_grad():
-        got = per_row_mean_nll(*target_logprobs(model, packed), len(rows))
-        alone = [per_row_mean_nll(*target_logprobs(model, collate([r], tok.pad_token_id)), 1) for r in rows]
-        padded = per_row_mean_nll(*target_logprobs(model, collate(rows, tok.pad_token_id)), len(rows))
+        got = per_row_nll(*target_logprobs(model, packed), len(rows))
+        alone = [per_row_nll(*target_logprobs(model, collate([r], tok.pad_token_id)), 1) for r in rows]
+        padded = per_row_nll(*target_logprobs(model, collate(rows, tok.pad_token_id)), len(rows))
     assert torch.allclose(got, torch.cat(alone), atol=1e-5)
     assert torch.allclose(got, padded, atol=1e-5)
     # without the row boundaries (one long causal sequence) the losses differ: the test can fail
     leaky = pack(rows, tok.pad_token_id, length=2 * width)
     leaky.position_ids = torch.arange(leaky.input_ids.shape[1]).expand_as(leaky.input_ids).clone()
     with torch.no_grad():
-        mixed = per_row_mean_nll(*target_logprobs(model, leaky), len(rows))
+        mixed = per_row_nll(*target_logprobs(model, leaky), len(rows))
     assert not torch.allclose(mixed, got, atol=1e-3)
 
 

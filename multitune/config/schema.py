@@ -314,6 +314,11 @@ class TrainConfig(Strict):
         default_factory=lambda: ["tensorboard"],
         description="experiment trackers (Accelerate's): tensorboard, mlflow, wandb, comet_ml, aim, ...; [] for none",
     )
+    row_loss: Literal["mean", "sum"] = Field(
+        "mean",
+        description="a row's loss: the mean NLL of its target tokens, or their sum (-log p(target | prompt), "
+        "what classification scores compare; a label's deciding token then weighs the same whatever its length)",
+    )
     packing: bool = Field(True, description="rows end to end in sequences of <= pack_length: little padding compute")
     pack_length: int | None = Field(
         None, ge=8, le=1 << 20, description="tokens per packed sequence (default: 2048 on a CPU, max_length elsewhere)"

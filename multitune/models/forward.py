@@ -96,8 +96,16 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return decoder, head
 
 
-def per_row_mean_nll(logp: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean negative log-likelihood of each row's target tokens: (B,)."""
+def per_row_nll(logp: torch.Tensor, rows: torch.Tensor, n_rows: int, reduce: str = "mean") -> torch.Tensor:
+    """Negative log-likelihood of each row's target tokens, their mean or their sum: (B,).
+
+    The sum is -log p(target | prompt), what evaluation compares between a task's labels. The
+    mean divides it by the target's length, so the token that decides between labels (the first,
+    usually) weighs 1/n of a row: a label of 6 tokens ("not_entailment" with its end-of-turn
+    token) gets 2/3 of the push that one of 4 tokens ("entailment") gets, and the model leans to
+    the shorter label wherever the prompt does not decide (train.row_loss)."""
     total = torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add_(0, rows, -logp)
+    if reduce == "sum":
+        return total
     count = torch.zeros(n_rows, dtype=logp.dtype, device=logp.device).index_add_(0, rows, torch.ones_like(logp))
     return total / count.clamp(min=1)

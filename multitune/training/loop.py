@@ -34,7 +34,7 @@ from multitune.files import write_atomic
 from multitune.lock import RunLock
 from multitune.methods import apply_method, count_parameters, param_groups, saves_adapter, task_gated
 from multitune.methods.task_context import task_context
-from multitune.models.forward import per_row_mean_nll, target_logprobs, target_logprobs_and_pooled
+from multitune.models.forward import per_row_nll, target_logprobs, target_logprobs_and_pooled
 from multitune.models.load import load_base, save_trained_model
 from multitune.progress import progress
 from multitune.reporting.model_card import model_card
@@ -330,7 +330,7 @@ class Recipe:
                 logp, rows, pooled = target_logprobs_and_pooled(self.model, batch, self.update.pooled_layer)
             else:
                 logp, rows = target_logprobs(self.model, batch)
-            row_loss = per_row_mean_nll(logp, rows, batch.n_rows)
+            row_loss = per_row_nll(logp, rows, batch.n_rows, cfg.train.row_loss)
             check_finite_loss(row_loss, self.step + 1, self.scheduler.get_last_lr()[0])
             task_loss, present = task_losses(row_loss, batch.row_task_ids, len(names))
             if self.processes is not None:  # each task over the global batch (training/processes.py)

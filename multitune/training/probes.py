@@ -15,7 +15,7 @@ from multitune.analysis.gradients import PairAverage, cosine_matrix, gradient_re
 from multitune.analysis.heatmap import plot_matrix
 from multitune.config import RunConfig
 from multitune.methods.task_context import task_context
-from multitune.models.forward import per_row_mean_nll, target_logprobs
+from multitune.models.forward import per_row_nll, target_logprobs
 
 
 class Probes:
@@ -51,7 +51,7 @@ class Probes:
             batch = by_task[name]
             with task_context(batch.task_ids):
                 logp, idx = target_logprobs(model, batch)
-                return per_row_mean_nll(logp, idx, batch.n_rows).mean()
+                return per_row_nll(logp, idx, batch.n_rows, self.cfg.train.row_loss).mean()
 
         model.eval()
         try:

@@ -29,7 +29,7 @@ from multitune.training.surgery import SURGERY, add_grad, cagrad, pcgrad, surger
 class MicroBatch:
     """One micro-batch's losses, as every update reads them."""
 
-    row_loss: torch.Tensor  # (rows,) each row's mean target NLL
+    row_loss: torch.Tensor  # (rows,) each row's target NLL (train.row_loss: mean or sum)
     task_loss: torch.Tensor  # (K,) each task's mean row loss
     present: torch.Tensor  # (K,) bool: tasks with rows in this micro-batch
     row_tasks: torch.Tensor  # (rows,) task id of each row
