@@ -256,13 +256,17 @@ def versus(args) -> None:
     """Variant A against variant B on the same dev rows (collected results): per-task Δ and Δm of A
     relative to B with 95% paired-bootstrap intervals, as compare reports A against the singles.
     With --seeds, each row's score is first averaged over the seeds (as compare --seeds does), and
-    each task's accuracy is shown as mean ± std over them."""
+    each task's accuracy is shown as mean ± std over them. Two single-task runs (e.g.
+    `single-r16-lr1e-3-sum/rte single-r16-lr1e-3/rte`) are compared on the tasks both scored."""
     from multitune.analysis.bootstrap import mean_std, paired_bootstrap, seed_mean_rows
 
     a_runs, b_runs = _fine_tuned_runs(args.a, args.seeds), _fine_tuned_runs(args.b, args.seeds)
-    a = {t: seed_mean_rows([r["rows"][t] for r in a_runs]) for t in TASKS}
-    b = {t: seed_mean_rows([r["rows"][t] for r in b_runs]) for t in TASKS}
-    boot = paired_bootstrap(a, b, {t: True for t in TASKS})
+    tasks = [t for t in TASKS if all(t in r["rows"] for r in a_runs + b_runs)]
+    if not tasks:
+        sys.exit(f"{args.a} and {args.b} have no task in common")
+    a = {t: seed_mean_rows([r["rows"][t] for r in a_runs]) for t in tasks}
+    b = {t: seed_mean_rows([r["rows"][t] for r in b_runs]) for t in tasks}
+    boot = paired_bootstrap(a, b, {t: True for t in tasks})
     n = len(a_runs)
 
     def cell(runs: list[dict], t: str) -> tuple[float, str]:
@@ -272,7 +276,7 @@ def versus(args) -> None:
     seeds = f" (mean ± std over seeds {' '.join(map(str, args.seeds))})" if n > 1 else ""
     print(f"| task | {args.a}{seeds} | {args.b} | Δ (95% interval) |")
     print("|---|---|---|---|")
-    for t in TASKS:
+    for t in tasks:
         lo, hi = boot["tasks"][t]["delta"]
         (acc_a, text_a), (acc_b, text_b) = cell(a_runs, t), cell(b_runs, t)
         print(f"| {t} | {text_a} | {text_b} | {acc_a - acc_b:+.2f} [{lo:+.2f}, {hi:+.2f}] |")

@@ -65,6 +65,21 @@ def test_versus_over_seeds_averages_each_row_over_the_seeds(tmp_path, monkeypatc
         q.versus(type("Args", (), {"a": "a", "b": "b", "seeds": [0, 2]}))
 
 
+def test_versus_compares_two_single_task_runs_on_their_task(tmp_path, monkeypatch, capsys):
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    for name, rows in (("x/rte", [100.0, 100.0, 0.0, 0.0]), ("y/rte", [0.0, 100.0, 0.0, 0.0]), ("z/sst2", [0.0] * 4)):
+        results = {"fine_tuned": {"tasks": {name[2:]: {"accuracy": sum(rows) / 4}}, "rows": {name[2:]: rows}}}
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    q.versus(type("Args", (), {"a": "x/rte", "b": "y/rte", "seeds": None}))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in lines if line.startswith("| ") and "---" not in line] == ["| task", "| rte"]
+    assert lines[2].startswith("| rte | 50.00 | 25.00 | +25.00 [")
+    with pytest.raises(SystemExit, match=r"x/rte and z/sst2 have no task in common"):
+        q.versus(type("Args", (), {"a": "x/rte", "b": "z/sst2", "seeds": None}))
+
+
 def test_table_shows_mean_and_std_over_seeds_and_the_singles_of_those_seeds(tmp_path, monkeypatch, capsys):
     q = _quality()
     monkeypatch.setattr(q, "RESULTS", tmp_path)
