@@ -11,6 +11,7 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
     python bench/quality.py table                                            # docs/results -> markdown tables
+    python bench/quality.py plot                                             # docs/results -> docs/results/study.png
     python bench/quality.py versus cgc-count lora-r16                        # two variants, paired over dev rows
     python bench/quality.py versus cgc-count lora-r16 --seeds 0 1 2          # the same over their seeds' runs
 
@@ -34,6 +35,7 @@ reused, not trained again.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -194,6 +196,18 @@ def restore(args) -> None:
         print(f"restored {dst}")
 
 
+def _compares() -> list[tuple[str, dict, str]]:
+    """Every collected compare.json as (variant, compare, singles folder), grouped by the baselines
+    it was compared with (singles folder and seeds, in order of first appearance), so a reader sees
+    each variant under its own single-task LoRAs; names sorted within a group."""
+    groups: dict[tuple[str, tuple[int, ...]], list[tuple[str, dict, str]]] = {}
+    for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
+        c = json.loads((folder / "compare.json").read_text())
+        singles = Path(c.get("singles", SINGLES)).name  # compare.json names its baselines' folder
+        groups.setdefault((singles, tuple(c.get("seeds", [STUDY_SEED]))), []).append((folder.name, c, singles))
+    return [row for rows in groups.values() for row in rows]
+
+
 def table(args) -> None:
     """One row per collected variant: dev accuracy per task, mean, Δm against one LoRA per task."""
     print("| variant | seeds | " + " | ".join(TASKS) + " | mean | Δm vs single-task (95% interval) | train s |")
@@ -203,35 +217,78 @@ def table(args) -> None:
         z = json.loads(zero.read_text())["zero_shot"]["tasks"]
         cells = " | ".join(f"{z[t]['accuracy']:.1f}" for t in TASKS)
         print(f"| zero-shot | - | {cells} | {sum(z[t]['accuracy'] for t in TASKS) / len(TASKS):.1f} | | |")
-    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}  # (singles folder, seeds) -> rows
-    for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
-        variant = folder.name
-        c = json.loads((folder / "compare.json").read_text())
+    baselines = None
+    for variant, c, singles in _compares():
         seeds = c.get("seeds", [STUDY_SEED])
         n = len(seeds)
-        singles = Path(c.get("singles", SINGLES)).name  # compare.json names its baselines' folder
-        key = (singles, tuple(seeds))
-        if key not in groups:  # the single-task LoRAs first, then every variant compared with them
+        if (singles, seeds) != baselines:  # the single-task LoRAs first, then every variant compared with them
+            baselines = (singles, seeds)
             single = [(c["tasks"][t]["single"], c["tasks"][t]["single_std"] if n > 1 else None) for t in TASKS]
             label = "r16 each" + (f", {singles}" if singles != SINGLES else "")
             mean = sum(m for m, _ in single) / len(TASKS)
-            groups[key] = [f"| one LoRA per task ({label}) | {n} | {_cells(single)} | {mean:.1f} | 0 | |"]
+            print(f"| one LoRA per task ({label}) | {n} | {_cells(single)} | {mean:.1f} | 0 | |")
         accs = [(c["tasks"][t]["multi"], c["tasks"][t].get("multi_std", 0.0) if n > 1 else None) for t in TASKS]
         lo, hi = c.get("delta_m_interval", [float("nan")] * 2)
         if "method" in c:  # the single-task LoRAs merged (compare --merge): no training of its own
             how = f"{c['method']}, weight {c.get('weight', 1.0):g}"
             if c.get("density") is not None:
                 how += f", density {c['density']:g}"
-            variant, seconds = f"merged single-task LoRAs ({how})", 0
+            shown, seconds = f"merged single-task LoRAs ({how})", 0
         else:
-            seconds = json.loads((folder / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
+            shown = variant
+            seconds = json.loads((RESULTS / variant / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
         dm = f"{c['delta_m']:+.2f}%" + (f" ± {c['delta_m_std']:.2f}" if n > 1 else "")
-        groups[key].append(
-            f"| {variant} | {n} | {_cells(accs)} | {sum(m for m, _ in accs) / len(accs):.1f} | "
+        print(
+            f"| {shown} | {n} | {_cells(accs)} | {sum(m for m, _ in accs) / len(accs):.1f} | "
             f"{dm} [{lo:+.2f}, {hi:+.2f}] | {seconds} |"
         )
-    for rows in groups.values():
-        print("\n".join(rows))
+
+
+def plot_points() -> tuple[list[str], dict[str, list[tuple[float, float, float]]]]:
+    """The forest plot's data: one label per collected comparison (grouped as in `table`) and, per
+    panel (each task's accuracy difference in points, then Δm in %), (value, low, high) of each."""
+    labels, panels = [], {t: [] for t in (*TASKS, "Δm")}
+    for variant, c, singles in _compares():
+        n = len(c.get("seeds", [STUDY_SEED]))
+        labels.append(variant + (f", {n} seeds" if n > 1 else "") + (f" (vs {singles})" if singles != SINGLES else ""))
+        for t in TASKS:
+            panels[t].append((c["tasks"][t]["delta"], *c["tasks"][t]["interval"]))
+        panels["Δm"].append((c["delta_m"], *c["delta_m_interval"]))
+    return labels, panels
+
+
+def plot(args) -> None:
+    """Every collected comparison as a forest plot (PNG): per task the accuracy difference from the
+    single-task LoRAs it was compared with, and Δm, each with its 95% paired-bootstrap interval;
+    blue where the interval lies above 0, red where below, grey where it holds 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, panels = plot_points()
+    if not labels:
+        sys.exit(f"no compare.json under {RESULTS}: train and collect a variant first")
+    ys = list(range(len(labels)))[::-1]  # the first comparison at the top
+    fig, axes = plt.subplots(1, len(panels), sharey=True, figsize=(3.0 * len(panels) + 3.5, 0.32 * len(labels) + 1.4))
+    try:
+        for ax, (name, points) in zip(axes, panels.items(), strict=True):
+            for y, (value, lo, hi) in zip(ys, points, strict=True):
+                color = "tab:blue" if lo > 0 else "tab:red" if hi < 0 else "0.35"
+                ax.errorbar(value, y, xerr=[[value - lo], [hi - value]], fmt="o", color=color, markersize=4, capsize=2)
+            ax.axvline(0, color="k", linewidth=0.8)
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel("Δm (%)" if name == "Δm" else "Δ accuracy (points)", fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(ys, labels, fontsize=8)
+        fig.suptitle("against one LoRA per task, whole dev splits, 95% paired-bootstrap intervals", fontsize=10)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    write_atomic(Path(args.out), buf.getvalue())
+    print(f"wrote {args.out} ({len(labels)} comparisons)")
 
 
 def _cells(values: list[tuple[float, float | None]]) -> str:
@@ -312,6 +369,8 @@ def main() -> None:
     sub.add_parser("collect")
     sub.add_parser("restore")
     sub.add_parser("table")
+    p = sub.add_parser("plot")
+    p.add_argument("--out", default=str(RESULTS / "study.png"), help="PNG to write (default docs/results/study.png)")
     p = sub.add_parser("versus")
     p.add_argument("a", help="a collected variant, e.g. cgc-count")
     p.add_argument("b", help="the one to compare it with, e.g. lora-r16")
@@ -339,6 +398,8 @@ def main() -> None:
         restore(args)
     elif args.command == "versus":
         versus(args)
+    elif args.command == "plot":
+        plot(args)
     else:
         table(args)
 

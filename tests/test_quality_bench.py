@@ -118,6 +118,32 @@ def test_table_shows_each_set_of_singles_above_the_variants_compared_with_it(tmp
     ]
 
 
+def test_plot_draws_each_comparison_with_its_intervals_grouped_as_in_the_table(tmp_path, monkeypatch, capsys):
+    q = _quality()
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    runs = (("a", None, [0]), ("b", "STUDY/single-lr", [0]), ("c", None, [0, 1, 2]))
+    for i, (name, singles, seeds) in enumerate(runs):
+        tasks = {t: {"delta": i + k, "interval": [i + k - 1.0, i + k + 0.5]} for k, t in enumerate(q.TASKS)}
+        compare = {"seeds": seeds, "tasks": tasks, "delta_m": -i, "delta_m_interval": [-i - 2.0, -i + 1.0]}
+        if singles:
+            compare["singles"] = singles
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps(compare))
+    labels, panels = q.plot_points()
+    assert labels == ["a", "b (vs single-lr)", "c, 3 seeds"]
+    assert list(panels) == [*q.TASKS, "Δm"]
+    assert panels["rte"] == [(2, 1.0, 2.5), (3, 2.0, 3.5), (4, 3.0, 4.5)]  # rte is the third task: k = 2
+    assert panels["Δm"] == [(0, -2.0, 1.0), (-1, -3.0, 0.0), (-2, -4.0, -1.0)]
+    out = tmp_path / "study.png"
+    q.plot(type("Args", (), {"out": str(out)}))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert capsys.readouterr().out == f"wrote {out} (3 comparisons)\n"
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder / "compare.json").unlink()
+    with pytest.raises(SystemExit, match="no compare.json under"):
+        q.plot(type("Args", (), {"out": str(out)}))
+
+
 def test_restore_puts_back_every_collected_set_of_singles(tmp_path, monkeypatch):
     q = _quality()
     results = tmp_path / "results"
