@@ -61,7 +61,8 @@ VARIANTS = {
     "pcgrad": ["train.balance=pcgrad"],
     "imtl_g": ["train.balance=imtl_g"],
     # bottleneck 141 after each MLP: 4,894,470 trainable parameters, LoRA r16's 4,884,480 + 0.2%
-    "adapter": ["method.name=adapter", "method.bottleneck=141"],
+    # (the whole method block replaced: study.yaml's LoRA keys rank / alpha / targets are no adapter's)
+    "adapter": ["method={name: adapter, bottleneck: 141}"],
     "lora-experts-A": ["method.name=lora_experts", "method.share=A", "method.experts=4"],
     "lora-experts-B": ["method.name=lora_experts", "method.share=B", "method.experts=4"],
     "mtl-lora": ["method.name=mtl_lora", "method.rank=8", "method.alpha=16", "method.up_projections=3"],

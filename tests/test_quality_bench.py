@@ -9,6 +9,8 @@ import pytest
 import yaml
 from conftest import load_bench
 
+from multitune.config.load import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,13 @@ def _quality():
 def test_the_study_seed_is_the_one_of_study_yaml():
     q = _quality()
     assert q.STUDY_SEED == yaml.safe_load(q.STUDY.read_text())["train"]["seed"]
+
+
+def test_every_variant_is_a_valid_config_of_the_study(tmp_path):
+    q = _quality()
+    methods = {v: load_config(q.STUDY, [*q.data_overrides(str(tmp_path)), *o]).method for v, o in q.VARIANTS.items()}
+    assert (methods["adapter"].name, methods["adapter"].bottleneck) == ("adapter", 141)
+    assert (methods["lora-r64"].rank, methods["cgc-count"].gate_norm, methods["famo"].rank) == (64, "count", 16)
 
 
 def test_a_run_from_before_seeds_becomes_its_seed_dir_once(tmp_path, capsys):
