@@ -35,12 +35,11 @@ reused, not trained again.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
-from multitune.files import write_atomic
+from multitune.files import atomic_path, write_atomic
 
 HERE = Path(__file__).resolve().parent
 STUDY = HERE / "quality" / "study.yaml"
@@ -138,7 +137,6 @@ def affinity(args) -> None:
     """Lookahead task affinity (TAG) at every AFFINITY_EVERY-th of the first AFFINITY_STEPS steps of
     the multi-task LoRA on the study's rows, and the 2 clusters it proposes, in STUDY/affinity (clusters.json)."""
     from multitune.analysis.experiments import affinity_run
-    from multitune.files import write_atomic
 
     overrides = data_overrides(args.data) + ([f"train.threads={args.threads}"] if args.threads else [])
     out = Path(args.runs) / "affinity"
@@ -197,15 +195,16 @@ def restore(args) -> None:
         print(f"restored {dst}")
 
 
-def _compares() -> list[tuple[str, dict, str]]:
-    """Every collected compare.json as (variant, compare, singles folder), grouped by the baselines
+def _compares() -> list[tuple[str, dict, str, list[int]]]:
+    """Every collected compare.json as (variant, compare, singles folder, seeds), grouped by the baselines
     it was compared with (singles folder and seeds, in order of first appearance), so a reader sees
     each variant under its own single-task LoRAs; names sorted within a group."""
-    groups: dict[tuple[str, tuple[int, ...]], list[tuple[str, dict, str]]] = {}
+    groups: dict[tuple[str, tuple[int, ...]], list[tuple[str, dict, str, list[int]]]] = {}
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "compare.json").is_file()):
         c = json.loads((folder / "compare.json").read_text())
         singles = Path(c.get("singles", SINGLES)).name  # compare.json names its baselines' folder
-        groups.setdefault((singles, tuple(c.get("seeds", [STUDY_SEED]))), []).append((folder.name, c, singles))
+        seeds = c.get("seeds", [STUDY_SEED])
+        groups.setdefault((singles, tuple(seeds)), []).append((folder.name, c, singles, seeds))
     return [row for rows in groups.values() for row in rows]
 
 
@@ -219,8 +218,7 @@ def table(args) -> None:
         cells = " | ".join(f"{z[t]['accuracy']:.1f}" for t in TASKS)
         print(f"| zero-shot | - | {cells} | {sum(z[t]['accuracy'] for t in TASKS) / len(TASKS):.1f} | | |")
     baselines = None
-    for variant, c, singles in _compares():
-        seeds = c.get("seeds", [STUDY_SEED])
+    for variant, c, singles, seeds in _compares():
         n = len(seeds)
         if (singles, seeds) != baselines:  # the single-task LoRAs first, then every variant compared with them
             baselines = (singles, seeds)
@@ -249,8 +247,8 @@ def plot_points() -> tuple[list[str], dict[str, list[tuple[float, float, float]]
     """The forest plot's data: one label per collected comparison (grouped as in `table`) and, per
     panel (each task's accuracy difference in points, then Δm in %), (value, low, high) of each."""
     labels, panels = [], {t: [] for t in (*TASKS, "Δm")}
-    for variant, c, singles in _compares():
-        n = len(c.get("seeds", [STUDY_SEED]))
+    for variant, c, singles, seeds in _compares():
+        n = len(seeds)
         labels.append(variant + (f", {n} seeds" if n > 1 else "") + (f" (vs {singles})" if singles != SINGLES else ""))
         for t in TASKS:
             panels[t].append((c["tasks"][t]["delta"], *c["tasks"][t]["interval"]))
@@ -284,11 +282,10 @@ def plot(args) -> None:
         axes[0].set_yticks(ys, labels, fontsize=8)
         fig.suptitle("against one LoRA per task, whole dev splits, 95% paired-bootstrap intervals", fontsize=10)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
+        with atomic_path(Path(args.out)) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-    write_atomic(Path(args.out), buf.getvalue())
     print(f"wrote {args.out} ({len(labels)} comparisons)")
 
 
