@@ -10,6 +10,7 @@ LoRA per task, with the whole dev split of every task.
     python bench/quality.py --data DIR --runs STUDY affinity                 # clusters for train cgc-affinity
     python bench/quality.py --data DIR --runs STUDY collect                  # small outputs -> docs/results/
     python bench/quality.py --data DIR --runs STUDY restore                  # docs/results/ -> STUDY (reuse)
+    python bench/quality.py --data DIR --runs STUDY restore cgc-count-lr1e-3 # + that variant's runs
     python bench/quality.py table                                            # docs/results -> markdown tables
     python bench/quality.py plot                                             # docs/results -> docs/results/study.png
     python bench/quality.py versus cgc-count lora-r16                        # two variants, paired over dev rows
@@ -23,7 +24,9 @@ reused baseline was trained with where they differ from the variant's. `collect`
 run's config.yaml and results.json, and each variant's compare.json / compare.md, into
 docs/results/, so nothing has to be trained twice; `restore` puts the collected single-task
 results back under a new STUDY folder (compare reuses a run whose results.json is finished, so the
-baselines are not trained again on another machine); `table` rebuilds the tables from there.
+baselines are not trained again on another machine; `restore VARIANT ...` also puts back those
+variants' collected runs, so `--seeds` adds a seed without training the others again); `table`
+rebuilds the tables from there.
 `--merge` needs the single-task runs' weights, which restored results do not have: train them.
 `affinity` measures the lookahead task affinity (`multitune affinity`) on the study's rows and
 writes the proposed clusters to STUDY/affinity/clusters.json; `collect` keeps them, and
@@ -179,9 +182,17 @@ def collect(args) -> None:
 
 def restore(args) -> None:
     """Copy the collected single-task runs (results and config; every docs/results/single-*
-    folder) back into STUDY, with DATA and STUDY replaced by this machine's folders, so `train`
-    reuses them."""
-    for results in sorted(RESULTS.glob("single-*/**/results.json")):
+    folder), and the runs of the multi-task variants named, back into STUDY, with DATA and STUDY
+    replaced by this machine's folders, so `train` reuses them: another machine adds a seed to a
+    variant (`train VARIANT --seeds 0 1 2` after `restore VARIANT`) without training the collected
+    seeds again."""
+    found = []
+    for variant in args.variants:
+        runs = sorted(r for r in (RESULTS / variant).glob("**/results.json") if (r.parent / "config.yaml").is_file())
+        if not runs:
+            sys.exit(f"{RESULTS / variant} holds no collected run: train and collect {variant} first")
+        found += runs
+    for results in sorted(RESULTS.glob("single-*/**/results.json")) + found:
         dst = Path(args.runs) / results.parent.relative_to(RESULTS)
         if (dst / "results.json").exists():
             print(f"kept {dst} (already there)")
@@ -365,7 +376,8 @@ def main() -> None:
     sub.add_parser("zero-shot")
     sub.add_parser("affinity")
     sub.add_parser("collect")
-    sub.add_parser("restore")
+    p = sub.add_parser("restore")
+    p.add_argument("variants", nargs="*", help="also these collected multi-task variants, e.g. cgc-count-lr1e-3")
     sub.add_parser("table")
     p = sub.add_parser("plot")
     p.add_argument("--out", default=str(RESULTS / "study.png"), help="PNG to write (default docs/results/study.png)")

@@ -163,11 +163,37 @@ def test_restore_puts_back_every_collected_set_of_singles(tmp_path, monkeypatch)
             (results / run / name).write_text(run)
         (results / run / "config.yaml").write_text(f"output: STUDY/{run}\ndata: DATA/x.jsonl\n")
     runs = tmp_path / "study"
-    q.restore(type("Args", (), {"runs": str(runs), "data": "/d"}))
+    q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": []}))
     restored = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("results.json"))
     assert restored == ["single-r16-lr1e-3/rte", "single-r16/sst2", "single-r16/sst2/seed-1"]
     config = (runs / "single-r16-lr1e-3" / "rte" / "config.yaml").read_text()
     assert config == f"output: {runs.resolve()}/single-r16-lr1e-3/rte\ndata: /d/x.jsonl\n"
+
+
+def test_restore_puts_back_the_runs_of_the_variants_named(tmp_path, monkeypatch):
+    """`restore VARIANT`: that variant's collected runs too (every seed), so `train --seeds` on another
+    machine reuses them; a variant with nothing collected is one clear line."""
+    q = _quality()
+    results = tmp_path / "results"
+    monkeypatch.setattr(q, "RESULTS", results)
+    for run in ("single-r16/rte", "cgc-count-lr1e-3/seed-0", "cgc-count-lr1e-3/seed-1", "lora-r16"):
+        (results / run).mkdir(parents=True)
+        for name in ("results.json", "results.md"):
+            (results / run / name).write_text(run)
+        (results / run / "config.yaml").write_text(f"output: STUDY/{run}\n")
+    runs = tmp_path / "study"
+    q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": ["cgc-count-lr1e-3"]}))
+    restored = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("results.json"))
+    assert restored == ["cgc-count-lr1e-3/seed-0", "cgc-count-lr1e-3/seed-1", "single-r16/rte"]
+    assert (runs / "cgc-count-lr1e-3" / "seed-1" / "results.json").read_text() == "cgc-count-lr1e-3/seed-1"
+    config = (runs / "cgc-count-lr1e-3" / "seed-0" / "config.yaml").read_text()
+    assert config == f"output: {runs.resolve()}/cgc-count-lr1e-3/seed-0\n"
+    with pytest.raises(SystemExit, match=r"moe-count holds no collected run: train and collect moe-count first"):
+        q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": ["moe-count"]}))
+    (results / "zero-shot").mkdir()
+    (results / "zero-shot" / "results.json").write_text("{}")  # no config.yaml beside it: no run to put back
+    with pytest.raises(SystemExit, match=r"zero-shot holds no collected run"):
+        q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": ["zero-shot"]}))
 
 
 def test_cgc_affinity_is_cgc_count_with_the_collected_clusters(tmp_path, monkeypatch):
