@@ -153,15 +153,21 @@ def test_plot_draws_each_comparison_with_its_intervals_grouped_as_in_the_table(t
         q.plot(type("Args", (), {"out": str(out)}))
 
 
-def test_restore_puts_back_every_collected_set_of_singles(tmp_path, monkeypatch):
-    q = _quality()
-    results = tmp_path / "results"
-    monkeypatch.setattr(q, "RESULTS", results)
-    for run in ("single-r16/sst2", "single-r16/sst2/seed-1", "single-r16-lr1e-3/rte", "lora-r16"):
+def _collect_runs(results: Path, *runs: str) -> None:
+    """Collected runs as `collect` leaves them: results (their text the run's name) and a config
+    naming STUDY and DATA."""
+    for run in runs:
         (results / run).mkdir(parents=True)
         for name in ("results.json", "results.md"):
             (results / run / name).write_text(run)
         (results / run / "config.yaml").write_text(f"output: STUDY/{run}\ndata: DATA/x.jsonl\n")
+
+
+def test_restore_puts_back_every_collected_set_of_singles(tmp_path, monkeypatch):
+    q = _quality()
+    results = tmp_path / "results"
+    monkeypatch.setattr(q, "RESULTS", results)
+    _collect_runs(results, "single-r16/sst2", "single-r16/sst2/seed-1", "single-r16-lr1e-3/rte", "lora-r16")
     runs = tmp_path / "study"
     q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": []}))
     restored = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("results.json"))
@@ -176,18 +182,14 @@ def test_restore_puts_back_the_runs_of_the_variants_named(tmp_path, monkeypatch)
     q = _quality()
     results = tmp_path / "results"
     monkeypatch.setattr(q, "RESULTS", results)
-    for run in ("single-r16/rte", "cgc-count-lr1e-3/seed-0", "cgc-count-lr1e-3/seed-1", "lora-r16"):
-        (results / run).mkdir(parents=True)
-        for name in ("results.json", "results.md"):
-            (results / run / name).write_text(run)
-        (results / run / "config.yaml").write_text(f"output: STUDY/{run}\n")
+    _collect_runs(results, "single-r16/rte", "cgc-count-lr1e-3/seed-0", "cgc-count-lr1e-3/seed-1", "lora-r16")
     runs = tmp_path / "study"
     q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": ["cgc-count-lr1e-3"]}))
     restored = sorted(str(p.parent.relative_to(runs)) for p in runs.rglob("results.json"))
     assert restored == ["cgc-count-lr1e-3/seed-0", "cgc-count-lr1e-3/seed-1", "single-r16/rte"]
     assert (runs / "cgc-count-lr1e-3" / "seed-1" / "results.json").read_text() == "cgc-count-lr1e-3/seed-1"
     config = (runs / "cgc-count-lr1e-3" / "seed-0" / "config.yaml").read_text()
-    assert config == f"output: {runs.resolve()}/cgc-count-lr1e-3/seed-0\n"
+    assert config == f"output: {runs.resolve()}/cgc-count-lr1e-3/seed-0\ndata: /d/x.jsonl\n"
     with pytest.raises(SystemExit, match=r"moe-count holds no collected run: train and collect moe-count first"):
         q.restore(type("Args", (), {"runs": str(runs), "data": "/d", "variants": ["moe-count"]}))
     (results / "zero-shot").mkdir()
