@@ -18,11 +18,15 @@
   alternating batch by batch, 2 rounds;
 - `compile`: forward + backward of the chosen layout with the decoder layers eager against
   compiled (`train.compile`), alternating batch by batch after the compilation, 2 rounds;
+- `gated-layout`: forward + backward of the bench's four batches on cgc_lora (the quality
+  study's: 2 common experts + 1 per task, count gate, rank 16 in all) packed with one task per
+  sequence (task ids per sequence) against all of a step's rows in one sequence (task ids per
+  token), alternating batch by batch, 2 rounds;
 - `profile`: where the time of one step goes (`torch.profiler`, the first batch after a warm-up):
   matmuls, attention, dropout's random words, the rest; and the GFLOP/s of the model's GEMMs and
   of the rank-16 LoRA products against the matmul peak measured in the same run.
 
-    python bench/parts.py --data DIR            # all eight parts
+    python bench/parts.py --data DIR            # all nine parts
     python bench/parts.py --data DIR --part dropout
 """
 
@@ -44,7 +48,7 @@ import throughput  # noqa: E402  (the same rows, LoRA and lengths as the through
 DATA = {"dir": ""}  # --data, set by main()
 
 
-def _model_and_batches(keep_memory: bool):
+def _model_and_batches(keep_memory: bool, method: dict | None = None):
     from multitune.config import validate_config
     from multitune.methods import apply_method
     from multitune.models.base import load_base_model
@@ -63,19 +67,22 @@ def _model_and_batches(keep_memory: bool):
         tmp="/tmp",
     )
     rows, tok = throughput.drawn_rows(args)
-    cfg = validate_config(throughput.run_config(args, "parts"))
+    raw = throughput.run_config(args, "parts")
+    cfg = validate_config({**raw, "method": {**raw["method"], **(method or {})}})
     model = apply_method(load_base_model(args.model), cfg.method, cfg.tasks).train()
     steps = [rows[i * args.batch : (i + 1) * args.batch] for i in range(args.steps)]
     return model, steps, tok
 
 
 def _seconds(model, batches) -> float:
+    from multitune.methods.task_context import task_context
     from multitune.models.forward import target_logprobs
 
     t0 = time.perf_counter()
     for b in batches:
-        logp, _ = target_logprobs(model, b)
-        (-logp.mean()).backward()
+        with task_context(b.context_ids()):  # read by task-gated layers only
+            logp, _ = target_logprobs(model, b)
+            (-logp.mean()).backward()
     return time.perf_counter() - t0
 
 
@@ -214,6 +221,33 @@ def compile_() -> None:
     _alternate("compile", model, batches, {"eager": lambda: use(False), "compiled": lambda: use(True)})
 
 
+def gated_layout() -> None:
+    from multitune.data.collate import pack
+
+    study_cgc = {"name": "cgc_lora", "common_experts": 2, "task_experts": 1, "gate_norm": "count"}
+    model, steps, tok = _model_and_batches(keep_memory=True, method=study_cgc)
+    layouts = {
+        "one task per sequence": [pack(s, tok.pad_token_id, 2048, by_task=True) for s in steps],
+        "tasks mixed, ids per token": [pack(s, tok.pad_token_id, 2048) for s in steps],
+    }
+    _seconds(model, layouts["one task per sequence"][:1])  # warm-up
+    best = {k: [float("inf")] * len(steps) for k in layouts}
+    for _ in range(2):  # alternating batch by batch: the machine's speed drifts
+        for i in range(len(steps)):
+            for k, batches in layouts.items():
+                best[k][i] = min(best[k][i], _seconds(model, [batches[i]]))
+    for k, batches in layouts.items():
+        cells = sum(b.input_ids.numel() for b in batches)
+        tokens = sum(int((b.row_ids >= 0).sum()) for b in batches)
+        shapes = [tuple(b.input_ids.shape) for b in batches]
+        print(
+            f"[gated-layout] {k}: sequences {shapes}, {cells} cells ({1 - tokens / cells:.1%} padding), "
+            f"{sum(best[k]):.1f} s (best per batch)"
+        )
+    by_task, mixed = (sum(best[k]) for k in layouts)
+    print(f"[gated-layout] speed-up {by_task / mixed:.2f}x")
+
+
 def profile() -> None:
     from torch.profiler import profile as torch_profile
 
@@ -311,6 +345,7 @@ PARTS = {
     "blocks": blocks,
     "compile": compile_,
     "profile": profile,
+    "gated-layout": gated_layout,
     "allocator": allocator,
     "layout": layout,
 }

@@ -162,6 +162,9 @@ def test_per_task_adapters_need_known_task_ids(tiny_model_dir):
         model(input_ids=_ids())
     with pytest.raises(MultituneError, match=r"task id out of range: .* 0\.\.2"):
         _logits(model, _ids(rows=1), [3])
+    per_token = r"^adapter takes one task id per row \(shape \(batch,\)\), not one per token"
+    with pytest.raises(RuntimeError, match=per_token):
+        _logits(model, _ids(rows=1), torch.zeros(1, 7, dtype=torch.long))
     shared = _adapted(tiny_model_dir)  # per_task none: no task context needed
     assert _logits(shared, _ids()).shape[0] == 3
 

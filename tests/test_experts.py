@@ -158,6 +158,49 @@ def test_mixed_task_batch_equals_each_row_alone(tiny_model_dirs, arch, method, g
     assert (_logits(model, ids[:1], [1]) - mixed[:1]).abs().max() > 1e-3
 
 
+def _packed_grads(model, ids: torch.Tensor, tasks: torch.Tensor, positions, weights, checkpointing: bool):
+    """Gradients of a fixed weighted sum of the logits (rows or packed, as given)."""
+    inner = model.get_base_model()
+    if checkpointing:  # reentrant: the layers recompute their scales from the ids (see layer.py)
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        inner.gradient_checkpointing_disable()
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with task_context(tasks):
+        (model(input_ids=ids, position_ids=positions, use_cache=False).logits * weights).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("method,gate", [("cgc_lora", "shared"), ("moe_lora", "per_layer"), ("cgc_lora", "per_layer")])
+def test_task_ids_per_token_let_one_packed_sequence_hold_several_tasks(tiny_model_dir, method, gate):
+    """Rows of different tasks end to end in one sequence (position ids restart at each row) with
+    one task id per token: the logits and the gradients are those of the rows given per-row ids."""
+    model = _model(tiny_model_dir, method, gate)
+    ids, tasks = _ids(model, rows=3, length=7), torch.tensor([2, 0, 3])
+    packed, positions = ids.reshape(1, -1), torch.arange(7).repeat(3).unsqueeze(0)
+    per_token = tasks.repeat_interleave(7).unsqueeze(0)  # (1, 21)
+    with torch.no_grad(), task_context(per_token):
+        got = model(input_ids=packed, position_ids=positions, use_cache=False).logits.view(3, 7, -1)
+    rows = _logits(model, ids, tasks)
+    assert (got - rows).abs().max() < 1e-5
+    # each token reads its own id: the last row read as task 2 changes that row only
+    with torch.no_grad(), task_context(torch.tensor([2] * 7 + [0] * 7 + [1] * 7).unsqueeze(0)):
+        other = model(input_ids=packed, position_ids=positions, use_cache=False).logits.view(3, 7, -1)
+    assert (other[:2] - rows[:2]).abs().max() < 1e-5 and (other[2] - rows[2]).abs().max() > 1e-3
+    weights = torch.randn(rows.shape, generator=torch.Generator().manual_seed(5))
+    for checkpointing in (False, True):
+        by_row = _packed_grads(model, ids, tasks, None, weights, checkpointing)
+        by_token = _packed_grads(model, packed, per_token, positions, weights.reshape(1, 21, -1), checkpointing)
+        assert by_row.keys() == by_token.keys() and any("task_embedding" in n for n in by_row)
+        for name, grad in by_row.items():
+            assert torch.allclose(grad, by_token[name], atol=1e-5, rtol=1e-4), (checkpointing, name)
+    short = r"task ids of shape \(1, 20\) \(one per token\) but a task-gated layer received tokens of shape \(1, 21\)"
+    with torch.no_grad(), task_context(torch.zeros(1, 20, dtype=torch.long)), pytest.raises(RuntimeError, match=short):
+        model(input_ids=packed, position_ids=positions, use_cache=False)
+
+
 @pytest.mark.parametrize("method,gate", [("moe_lora", "shared"), ("cgc_lora", "per_layer")])
 def test_stacked_layer_equals_a_loop_over_experts(tiny_model_dir, method, gate):
     model = _model(tiny_model_dir, method, gate)

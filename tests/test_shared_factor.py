@@ -137,6 +137,10 @@ def test_mixed_task_batch_equals_each_row_alone(tiny_model_dirs, arch, variant):
     for row, task in enumerate(tasks):
         assert (mixed[row] - _logits(model, ids[row : row + 1], [task])[0]).abs().max() < 1e-5
     assert (_logits(model, ids[:1], [1]) - mixed[:1]).abs().max() > 1e-3  # the task matters
+    # one task per row only: ids per token (what moe_lora / cgc_lora take) are a clear error
+    with torch.no_grad(), task_context(torch.zeros(1, ids.shape[1], dtype=torch.long)):
+        with pytest.raises(RuntimeError, match=r"takes one task id per row \(shape \(batch,\)\), not one per token"):
+            model(input_ids=ids[:1])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -217,6 +217,13 @@ def test_packed_rows_give_the_losses_of_the_rows_alone(arch, by_task, tiny_model
         members = packed.row_ids[s][packed.row_ids[s] >= 0].unique()
         mixed += len(set(packed.row_task_ids[members].tolist())) > 1
     assert mixed == 0 if by_task else mixed > 0  # by_task: never two tasks in one sequence
+    # what task_context gets: each sequence's task, or each token's where sequences mix tasks
+    real = packed.row_ids >= 0
+    if by_task:
+        assert packed.one_task and torch.equal(packed.context_ids(), packed.task_ids)
+    else:
+        assert not packed.one_task and packed.context_ids().shape == packed.input_ids.shape
+        assert torch.equal(packed.context_ids()[real], packed.row_task_ids[packed.row_ids[real]])
     assert packed.row_tokens().tolist() == [len(r.input_ids) for r in rows]
     with torch.no_grad():
         got = per_row_nll(*target_logprobs(model, packed), len(rows))
@@ -295,10 +302,10 @@ def _assert_same_losses_either_way(run_config, method: str, option: str, steps: 
         assert a == pytest.approx(b, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "moe_lora"])
+@pytest.mark.parametrize("method", ["lora", "moe_lora", "cgc_lora", "mtl_lora"])
 def test_packed_training_matches_padded_training(method, run_config):
-    """Same rows, same steps: packing changes the layout, not the numbers (task-gated experts get
-    one task per packed sequence)."""
+    """Same rows, same steps: packing changes the layout, not the numbers (moe_lora / cgc_lora
+    read a task per token of sequences that mix tasks, mtl_lora one task per packed sequence)."""
     _assert_same_losses_either_way(run_config, method, "packing", steps=4)
 
 

@@ -11,8 +11,9 @@ passed: transformers then reads the row boundaries from the position ids and kee
 inside each row (`masking_utils.find_packed_sequence_indices`; flash-attention uses the same
 position ids), so a packed row computes exactly what it computes alone. On mixed multi-task
 data (short classification rows next to long QA rows) padding otherwise costs a large share of
-the compute. With `by_task`, rows of different tasks never share a sequence, so task-gated
-layers (which scale per sequence) still see one task per sequence.
+the compute. With `by_task`, rows of different tasks never share a sequence, for task-gated
+layers that read one task per sequence (bottleneck adapters, lora_experts, mtl_lora); moe_lora
+and cgc_lora take one task id per token (`Batch.context_ids`) and need no such split.
 
 Either way `row_ids` says which row each token belongs to (-1 on padding), so losses are
 computed per row, whatever the layout.
@@ -37,6 +38,7 @@ class Batch:
     row_ids: torch.Tensor  # (S, T): the row each token belongs to, -1 on padding
     row_task_ids: torch.Tensor  # (R,): the task of each row
     packed: bool = False
+    one_task: bool = True  # every sequence holds rows of one task (task_ids says which)
 
     def to(self, device: torch.device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -45,6 +47,14 @@ class Batch:
     @property
     def n_rows(self) -> int:
         return int(self.row_task_ids.shape[0])
+
+    def context_ids(self) -> torch.Tensor:
+        """The ids that `task_context` gets: each sequence's task (S,) where every sequence holds
+        one task, else each token's task (S, T) (padding takes row 0's: it is loss-free and no real
+        token attends to it)."""
+        if self.one_task:
+            return self.task_ids
+        return self.row_task_ids.index_select(0, self.row_ids.clamp(min=0).flatten()).view_as(self.row_ids)
 
     def row_tokens(self) -> torch.Tensor:
         """Real (non-pad) tokens of each row: (R,)."""
@@ -94,7 +104,8 @@ def pack(rows: list[Encoded], pad_id: int, length: int, by_task: bool = False) -
         tasks[s] = rows[members[0]].task_id
         positions[s, at:] = torch.arange(width - at)  # the padding is one more (loss-free) segment
     row_task_ids = torch.tensor([r.task_id for r in rows], dtype=torch.long)
-    return Batch(ids, mask, positions, labels, torch.tensor(tasks), row_ids, row_task_ids, packed=True)
+    one_task = all(len({rows[i].task_id for i in members}) == 1 for members in bins)
+    return Batch(ids, mask, positions, labels, torch.tensor(tasks), row_ids, row_task_ids, True, one_task)
 
 
 def _first_fit(lengths: list[int], groups: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:

@@ -19,9 +19,16 @@ def apply_method(model: torch.nn.Module, cfg, tasks: list[TaskConfig] = ()) -> t
 
 
 def task_gated(cfg) -> bool:
-    """True when layers read each row's task (task-gated experts, per-task adapters): then a
-    packed sequence must hold rows of one task only."""
+    """True when layers read each row's task (task-gated experts, per-task adapters)."""
     return method(cfg.name).reads_task(cfg)
+
+
+def packs_by_task(cfg) -> bool:
+    """True when a packed sequence must hold rows of one task only: the layers read the task per
+    sequence. moe_lora / cgc_lora take a task id per token, so their sequences mix tasks as plain
+    LoRA's do (less padding: see data/collate.py)."""
+    found = method(cfg.name)
+    return found.reads_task(cfg) and not found.task_per_token
 
 
 def saves_adapter(method_name: str) -> bool:

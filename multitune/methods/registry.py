@@ -29,7 +29,8 @@ class Method:
     merges: bool = False  # the update folds into the weights: `merged` export, a later stage's base
     per_task: bool = False  # one update per task: export and merge need a task
     gated: bool = False  # has a gate per task (`multitune gates`, which calls `gates`)
-    reads_task: Callable[[Any], bool] = lambda cfg: False  # layers read each row's task (packing by task)
+    reads_task: Callable[[Any], bool] = lambda cfg: False  # layers read each row's task
+    task_per_token: bool = False  # those layers also take one task id per token: packing may mix tasks
     task_ids: Callable[..., dict[str, int] | None] = lambda model, names, fallback: None
     export_lora: Callable[..., dict] | None = None  # (model, cfg, task, out, base, max_rank) -> info
     merge: Callable[..., nn.Module] | None = None  # (model, task) -> plain transformers model
@@ -145,7 +146,7 @@ def _names_and_clusters(tasks) -> tuple[list[str], dict[str, str] | None]:
     return [t.name for t in tasks], ({t.name: t.cluster for t in tasks if t.cluster is not None} or None)
 
 
-_GATED = _per_task("multitune.methods.experts", _apply_experts)
+_GATED = {**_per_task("multitune.methods.experts", _apply_experts), "task_per_token": True}
 _SHARED_FACTOR = _per_task("multitune.methods.shared_factor", _apply_shared_factor)
 METHODS: dict[str, Method] = {
     m.name: m

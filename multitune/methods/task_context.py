@@ -33,7 +33,8 @@ _OPEN_LOCK = threading.Lock()
 
 NO_CONTEXT_MESSAGE = (
     "task-gated layer called without task ids: wrap the forward, the backward and generate in "
-    "`with multitune.methods.task_context.task_context(task_ids): ...` (task_ids: LongTensor of shape (batch,))"
+    "`with multitune.methods.task_context.task_context(task_ids): ...` "
+    "(task_ids: LongTensor of shape (batch,), or (batch, tokens) for moe_lora / cgc_lora)"
 )
 
 
@@ -60,14 +61,23 @@ class TaskContext:
             self._ids_on[device] = ids
         return ids
 
+    def row_ids_on(self, device: torch.device, method: str) -> torch.Tensor:
+        """`ids_on` for layers that take one task per row: per-token ids are a clear error."""
+        if self.task_ids.dim() != 1:
+            raise RuntimeError(
+                f"{method} takes one task id per row (shape (batch,)), not one per token "
+                f"(shape {tuple(self.task_ids.shape)}); pack its rows by task"
+            )
+        return self.ids_on(device)
+
     def __len__(self) -> int:
         return int(self.task_ids.shape[0])
 
 
 def _as_ids(task_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     ids = task_ids if isinstance(task_ids, torch.Tensor) else torch.tensor(list(task_ids), dtype=torch.long)
-    if ids.dim() != 1:
-        raise ValueError(f"task_ids must have shape (batch,), got {tuple(ids.shape)}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"task_ids must have shape (batch,) or (batch, tokens), got {tuple(ids.shape)}")
     if ids.dtype != torch.long:
         if ids.is_floating_point() or ids.is_complex():
             raise ValueError(f"task_ids must be integer ids, got dtype {ids.dtype}")
@@ -77,7 +87,9 @@ def _as_ids(task_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 @contextmanager
 def task_context(task_ids: torch.Tensor | Sequence[int]) -> Iterator[TaskContext]:
-    """Make `task_ids` (one id per row of the batch) visible to task-gated layers inside the block.
+    """Make `task_ids` visible to task-gated layers inside the block: one id per row of the batch
+    (batch,), or one per token (batch, tokens) for packed sequences that mix tasks (moe_lora and
+    cgc_lora take either; the layers that read one task per row refuse per-token ids).
 
     Contexts nest (the innermost wins) and are local to the thread / asyncio task that opens them.
     """
@@ -123,8 +135,9 @@ def require_task_context() -> TaskContext:
 
 
 def rows_for(ids: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Spread per-row values over `n_rows` rows: rows may be repeated k times each (beams, a KV cache
-    shared per label...), the way `repeat_interleave` / `generate` expand a batch."""
+    """Spread per-row values (first dimension: the rows) over `n_rows` rows: rows may be repeated
+    k times each (beams, a KV cache shared per label...), the way `repeat_interleave` / `generate`
+    expand a batch."""
     n = ids.shape[0]
     if n == n_rows:
         return ids

@@ -7,16 +7,16 @@ import torch
 
 from multitune.config import RunConfig
 from multitune.data.collate import Batch, collate, pack
-from multitune.methods import task_gated
+from multitune.methods import packs_by_task
 from multitune.models.attention import skips_other_rows
 
 
 def layout(rows: list, cfg: RunConfig, pad_id: int, length: int) -> Batch:
     """Packed into sequences of at most `length` tokens (rows of one task per sequence where the
-    method's layers read the task), or one padded row each with `train.packing: false`."""
+    method's layers read one task per sequence), or one padded row each with `train.packing: false`."""
     if not cfg.train.packing:
         return collate(rows, pad_id)
-    return pack(rows, pad_id, length, by_task=task_gated(cfg.method))
+    return pack(rows, pad_id, length, by_task=packs_by_task(cfg.method))
 
 
 def pack_length(cfg: RunConfig, model, device: torch.device) -> int:

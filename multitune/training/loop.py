@@ -324,7 +324,7 @@ class Recipe:
         per_pair = self.probes.affinity(self.step, micro, self.model, drawn, self.batch_of, self.params)
         if per_pair is not None:
             self.log.write({"step": self.step + 1, "split": "affinity"}, per_pair)
-        with task_context(batch.task_ids):
+        with task_context(batch.context_ids()):
             pooled = None
             if self.update.pooled_layer is not None:
                 logp, rows, pooled = target_logprobs_and_pooled(self.model, batch, self.update.pooled_layer)

@@ -49,7 +49,7 @@ class Probes:
 
         def task_loss(name: str) -> torch.Tensor:
             batch = by_task[name]
-            with task_context(batch.task_ids):
+            with task_context(batch.context_ids()):
                 logp, idx = target_logprobs(model, batch)
                 return per_row_nll(logp, idx, batch.n_rows, self.cfg.train.row_loss).mean()
 

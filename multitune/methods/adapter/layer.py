@@ -134,7 +134,7 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
             table = torch.tensor(self.slot_table[adapter_name], dtype=torch.long, device=device)
             self._tables[(adapter_name, device)] = table
         _check_ids(ctx, len(table))
-        return rows_for(table.index_select(0, ctx.ids_on(device)), n_rows)
+        return rows_for(table.index_select(0, ctx.row_ids_on(device, "adapter")), n_rows)
 
     def adapt(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """up(dropout(act(down(x)))) with each row's own adapter: the change added to the sub-block's output."""

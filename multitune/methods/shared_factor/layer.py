@@ -125,7 +125,7 @@ class SharedFactorLinear(nn.Module, BaseTunerLayer):
                     "map task names to ids with task_id()"
                 )
             ctx.cache[key] = True
-        return rows_for(ctx.ids_on(device), n_rows)
+        return rows_for(ctx.row_ids_on(device, self.prefix.rstrip("_")), n_rows)
 
     # --- forward -----------------------------------------------------------------------------------
 
