@@ -246,7 +246,7 @@ def table(args) -> None:
             shown, seconds = f"merged single-task LoRAs ({how})", 0
         else:
             shown = variant
-            seconds = json.loads((RESULTS / variant / "results.json").read_text())["train"]["seconds"] if n == 1 else ""
+            seconds = json.loads(_results_file(variant).read_text())["train"]["seconds"] if n == 1 else ""
         dm = f"{c['delta_m']:+.2f}%" + (f" ± {c['delta_m_std']:.2f}" if n > 1 else "")
         print(
             f"| {shown} | {n} | {_cells(accs)} | {sum(m for m, _ in accs) / len(accs):.1f} | "
@@ -305,12 +305,19 @@ def _cells(values: list[tuple[float, float | None]]) -> str:
     return " | ".join(f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}" for m, sd in values)
 
 
+def _results_file(name: str) -> Path:
+    """RESULTS/name/results.json, or that of the one seed of a variant trained with `--seeds S`
+    (its run is RESULTS/name/seed-S)."""
+    path = RESULTS / name / "results.json"
+    seeds = sorted((RESULTS / name).glob("seed-*/results.json"))
+    return seeds[0] if not path.is_file() and len(seeds) == 1 else path
+
+
 def _fine_tuned_runs(name: str, seeds: list[int] | None) -> list[dict]:
-    """The collected `fine_tuned` results of a variant: RESULTS/name, or one per seed."""
-    folders = [RESULTS / name] if not seeds else [RESULTS / name / f"seed-{s}" for s in seeds]
+    """The collected `fine_tuned` results of a variant: RESULTS/name (or its one seed), or one per seed."""
+    paths = [_results_file(name)] if not seeds else [RESULTS / name / f"seed-{s}" / "results.json" for s in seeds]
     runs = []
-    for folder in folders:
-        path = folder / "results.json"
+    for path in paths:
         if not path.is_file():
             how = f" --seeds {' '.join(map(str, seeds))}" if seeds else ""
             sys.exit(f"{path} not found: train and collect {name}{how} first")

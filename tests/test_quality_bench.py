@@ -115,9 +115,13 @@ def test_table_shows_each_set_of_singles_above_the_variants_compared_with_it(tmp
             compare["singles"] = singles
         (tmp_path / name).mkdir()
         (tmp_path / name / "compare.json").write_text(json.dumps(compare))
-        (tmp_path / name / "results.json").write_text(json.dumps({"train": {"seconds": 60}}))
+        # b was trained with `--seeds 0`: its one run is b/seed-0
+        run = tmp_path / name / "seed-0" if name == "b" else tmp_path / name
+        run.mkdir(exist_ok=True)
+        (run / "results.json").write_text(json.dumps({"train": {"seconds": 60 + ord(name)}, "fine_tuned": name}))
     q.table(None)
-    rows = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    lines = capsys.readouterr().out.splitlines()[2:]
+    rows = [line.split(" |")[0] for line in lines]
     assert rows == [
         "| one LoRA per task (r16 each)",
         "| a",
@@ -125,6 +129,8 @@ def test_table_shows_each_set_of_singles_above_the_variants_compared_with_it(tmp
         "| one LoRA per task (r16 each, single-r16-lr1e-3)",
         "| b",
     ]
+    assert [line.split("| ")[-1] for line in lines] == ["|", "157 |", "159 |", "|", "158 |"]
+    assert q._fine_tuned_runs("b", None) == ["b"] and q._fine_tuned_runs("a", None) == ["a"]
 
 
 def test_plot_draws_each_comparison_with_its_intervals_grouped_as_in_the_table(tmp_path, monkeypatch, capsys):
