@@ -100,6 +100,19 @@ def _pack(steps, tok, length: int = 2048, first_fit: bool = False):
         collate._capacity = real
 
 
+def _best_per_layout(model, layouts: dict[str, list]) -> dict[str, float]:
+    """Seconds of forward + backward of each layout's batches: the best of 2 rounds per batch,
+    summed, the layouts alternating batch by batch (the machine's speed drifts), after a warm-up."""
+    first = next(iter(layouts.values()))
+    _seconds(model, first[:1])  # warm-up
+    best = {k: [float("inf")] * len(first) for k in layouts}
+    for _ in range(2):
+        for i in range(len(first)):
+            for k, batches in layouts.items():
+                best[k][i] = min(best[k][i], _seconds(model, [batches[i]]))
+    return {k: sum(times) for k, times in best.items()}
+
+
 def layout() -> None:
     model, steps, tok = _model_and_batches(keep_memory=True)
     layouts = {
@@ -107,18 +120,13 @@ def layout() -> None:
         "fewest cells, 512": _pack(steps, tok, 512),
         "fewest cells, 2048": _pack(steps, tok),
     }
-    _seconds(model, layouts["fewest cells, 2048"][:1])  # warm-up
-    best = {k: [float("inf")] * len(steps) for k in layouts}
-    for _ in range(2):  # alternating batch by batch: the machine's speed drifts
-        for i in range(len(steps)):
-            for k, batches in layouts.items():
-                best[k][i] = min(best[k][i], _seconds(model, [batches[i]]))
+    best = _best_per_layout(model, layouts)
     for k, batches in layouts.items():
         cells = sum(b.input_ids.numel() for b in batches)
         shapes = [tuple(b.input_ids.shape) for b in batches]
-        print(f"[layout] {k}: sequences {shapes}, {cells} cells, {sum(best[k]):.1f} s (best per batch)")
+        print(f"[layout] {k}: sequences {shapes}, {cells} cells, {best[k]:.1f} s (best per batch)")
     for a, b in itertools.pairwise(layouts):
-        print(f"[layout] {a} -> {b}: {sum(best[a]) / sum(best[b]):.2f}x")
+        print(f"[layout] {a} -> {b}: {best[a] / best[b]:.2f}x")
 
 
 def allocator() -> None:
@@ -230,21 +238,16 @@ def gated_layout() -> None:
         "one task per sequence": [pack(s, tok.pad_token_id, 2048, by_task=True) for s in steps],
         "tasks mixed, ids per token": [pack(s, tok.pad_token_id, 2048) for s in steps],
     }
-    _seconds(model, layouts["one task per sequence"][:1])  # warm-up
-    best = {k: [float("inf")] * len(steps) for k in layouts}
-    for _ in range(2):  # alternating batch by batch: the machine's speed drifts
-        for i in range(len(steps)):
-            for k, batches in layouts.items():
-                best[k][i] = min(best[k][i], _seconds(model, [batches[i]]))
+    best = _best_per_layout(model, layouts)
     for k, batches in layouts.items():
         cells = sum(b.input_ids.numel() for b in batches)
         tokens = sum(int((b.row_ids >= 0).sum()) for b in batches)
         shapes = [tuple(b.input_ids.shape) for b in batches]
         print(
             f"[gated-layout] {k}: sequences {shapes}, {cells} cells ({1 - tokens / cells:.1%} padding), "
-            f"{sum(best[k]):.1f} s (best per batch)"
+            f"{best[k]:.1f} s (best per batch)"
         )
-    by_task, mixed = (sum(best[k]) for k in layouts)
+    by_task, mixed = (best[k] for k in layouts)
     print(f"[gated-layout] speed-up {by_task / mixed:.2f}x")
 
 
