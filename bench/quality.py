@@ -42,6 +42,7 @@ import json
 import sys
 from pathlib import Path
 
+from multitune.errors import MultituneError
 from multitune.files import atomic_path, write_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -393,6 +394,13 @@ def main() -> None:
     p.add_argument("b", help="the one to compare it with, e.g. lora-r16")
     p.add_argument("--seeds", type=int, nargs="+", help="compare the seeds' runs (RESULTS/VARIANT/seed-<s>)")
     args = parser.parse_args()
+    try:
+        _run(args)
+    except MultituneError as e:  # bad input (a config, an override, a run dir in use): one line, no traceback
+        raise SystemExit(f"quality: {e}") from None
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         if not (args.data and args.runs):
             sys.exit("train needs --data and --runs")

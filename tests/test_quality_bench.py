@@ -260,3 +260,15 @@ def test_collect_names_this_machines_folders_by_role(tmp_path, monkeypatch):
     assert json.loads((got / "results.json").read_text())["merged_from"] == ["STUDY/single-r16/sst2"]
     assert (got / "results.md").read_text() == "from STUDY/single-r16\n"
     assert (got / "config.yaml").read_text() == "output: STUDY/lora-r16-merged-cat\ndata: DATA/sst2/train.jsonl\n"
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """A wrong override (or a run dir in use by another process) stops `train` with one line."""
+    q = _quality()
+    argv = ["quality.py", "--data", str(tmp_path), "--runs", str(tmp_path / "study"), "train", "lora-r16"]
+    monkeypatch.setattr("sys.argv", [*argv, "--set", "train.lr=fast"])
+    with pytest.raises(SystemExit) as stop:
+        q.main()
+    message = str(stop.value.code)
+    assert message.startswith("quality: ") and "train.lr" in message and "\n" not in message
+    assert not (tmp_path / "study").exists()
