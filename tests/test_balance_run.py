@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from multitune.config import validate_config
 from multitune.errors import MultituneError
@@ -68,6 +69,54 @@ def test_surgery_without_conflict_is_plain_training(run_config, tmp_path):
         runs[key] = [loss for _, _, loss in _train_losses(tmp_path / key)]
     for key in ("equal", "pcgrad", "cagrad0"):
         assert runs[key] == pytest.approx(runs["rows"], abs=1e-5), key
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "lora", "rank": 4, "dropout": 0.0},
+        {"name": "cgc_lora", "rank": 4, "alpha": 8, "dropout": 0.0, "common_experts": 1, "task_experts": 1},
+    ],
+)
+def test_surgery_one_forward_per_task_trains_as_the_shared_forward(method, run_config, tmp_path, monkeypatch):
+    """On one process surgery runs one forward per task on its rows (about a plain step's cost);
+    the per-task gradients must be those of the shared forward's K backward passes: the same
+    losses step by step and the same trained weights, for plain and task-gated layers."""
+    from multitune.training import loop
+
+    build = loop.Recipe._build_optimizer
+    used = {}
+
+    def build_and_choose(self):
+        build(self)
+        used[self.cfg.output] = self.by_task
+        if str(self.cfg.output).endswith("shared"):
+            self.by_task = False
+
+    monkeypatch.setattr(loop.Recipe, "_build_optimizer", build_and_choose)
+    runs = {}
+    for key in ("by_task", "shared"):
+        raw = run_config(
+            method=method,
+            train={"max_steps": 4, "batch_size": 8, "lr": 1e-2, "balance": "pcgrad", "interference_every": 2},
+            output=str(tmp_path / key),
+        )
+        train(validate_config(raw))
+        runs[key] = _train_losses(tmp_path / key)
+    assert list(used.values()) == [True, True]
+    assert [(s, t) for s, t, _ in runs["by_task"]] == [(s, t) for s, t, _ in runs["shared"]]
+    assert len({t for _, t, _ in runs["by_task"]}) == 3  # both tasks and the whole batch, every step
+    for (_, _, a), (_, _, b) in zip(runs["by_task"], runs["shared"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert runs["by_task"][-1][2] < runs["by_task"][0][2]
+    cosines = [[r["cosine"] for r in _records(tmp_path / key, "interference") if "cosine" in r] for key in runs]
+    assert cosines[0] and cosines[0] == pytest.approx(cosines[1], abs=1e-4)
+    from safetensors.torch import load_file
+
+    weights = [load_file(next((tmp_path / key).rglob("*.safetensors"))) for key in runs]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], atol=1e-5), name
 
 
 def test_interference_is_logged_and_plotted(run_config, tmp_path):

@@ -228,6 +228,8 @@ class Recipe:
         # several processes: global task losses and gradients, every process's rows in the log
         self.processes = Processes(acc) if acc.num_processes > 1 else None
         self.window = LossWindow(cfg.task_names, self.processes.reduce_sum if self.processes else None)
+        # gradient surgery on one process without a domain term: one forward per task (_micro_step_by_task)
+        self.by_task = self.update.needs_task_grads and self.processes is None and self.update.pooled_layer is None
         set_seed(cfg.train.seed)
 
     def _restore(self) -> None:
@@ -320,10 +322,13 @@ class Recipe:
         n_proc = acc.num_processes
         pairs = self.mixture.next_batch(cfg.train.batch_size * n_proc)[acc.process_index :: n_proc]
         drawn = [self.encoded[t][i] for t, i in pairs]
-        batch = self.batch_of(drawn)
         per_pair = self.probes.affinity(self.step, micro, self.model, drawn, self.batch_of, self.params)
         if per_pair is not None:
             self.log.write({"step": self.step + 1, "split": "affinity"}, per_pair)
+        if self.by_task:
+            by_task = {t: [row for (name, _), row in zip(pairs, drawn, strict=True) if name == t] for t in names}
+            return self._micro_step_by_task(micro, [rows for rows in by_task.values() if rows])
+        batch = self.batch_of(drawn)
         with task_context(batch.context_ids()):
             pooled = None
             if self.update.pooled_layer is not None:
@@ -351,6 +356,42 @@ class Recipe:
         self.state["tokens"] += tokens
         self.state["target_tokens"] += targets
         self.state["cells"] += batch.input_ids.numel()
+        return task_loss, present
+
+    def _micro_step_by_task(self, micro: int, groups: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient surgery on one process: one forward and one backward per task, on its rows only.
+
+        The shared-forward path (`per_task_grads`) runs K backward passes over the whole batch, each
+        zero outside its task's rows: (1 + 2K) passes where plain training runs 3, 2.5x the step
+        time at K = 4 (docs/performance.md). Here every row goes forward and backward once, as in
+        plain training (LibMTL's multi-input mode does the same). Rows never see each other in a
+        forward (packed rows attend within themselves), so the per-task gradients are the same up to
+        float rounding (tests/test_balance_run.py).
+        """
+        cfg, k = self.cfg, len(self.cfg.tasks)
+        task_loss, present, grads, row_losses, row_tasks = torch.zeros(k), torch.zeros(k, dtype=torch.bool), [], [], []
+        for rows_of_task in groups:
+            batch = self.batch_of(rows_of_task)
+            with task_context(batch.context_ids()):
+                logp, rows = target_logprobs(self.model, batch)
+                row_loss = per_row_nll(logp, rows, batch.n_rows, cfg.train.row_loss)
+                check_finite_loss(row_loss, self.step + 1, self.scheduler.get_last_lr()[0])
+                losses, here = task_losses(row_loss, batch.row_task_ids, k)
+                grads.append(per_task_grads([losses[here][0]], self.params)[0])
+            task_loss += torch.where(here, losses.detach(), 0).cpu()
+            present |= here.cpu()
+            row_losses.append(row_loss.detach())
+            row_tasks.append(batch.row_task_ids)
+            tokens, targets = self.window.add(batch, row_loss.detach(), rows)
+            self.state["tokens"] += tokens
+            self.state["target_tokens"] += targets
+            self.state["cells"] += batch.input_ids.numel()
+        grads = torch.stack(grads)
+        if self.probes.wants_grads(self.step, micro):
+            summary, per_pair = self.probes.interference(grads, present.nonzero()[:, 0].tolist())
+            self.log.write({"step": self.step + 1, "split": "interference", **summary}, per_pair)
+        mb = MicroBatch(torch.cat(row_losses), task_loss, present, torch.cat(row_tasks), None, grads)
+        self.update.backward(mb, self.step, self.accelerator.backward)
         return task_loss, present
 
     def batch_of(self, rows: list) -> Batch:
